@@ -1,0 +1,340 @@
+//! `farm`: the one binary of the render farm.
+
+mod client;
+mod demo;
+mod grid;
+mod output;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use farm_coordinator::CoordinatorConfig;
+use farm_core::WorkerId;
+use farm_worker::WorkerConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "farm",
+    version,
+    about = "A distributed render farm for Stable Diffusion"
+)]
+struct Cli {
+    #[command(flatten)]
+    settings: Settings,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the farm's parts are. Every setting has an environment variable.
+#[derive(Args, Clone, Debug)]
+pub struct Settings {
+    /// Postgres (coordinator only); the database is created if missing.
+    #[arg(
+        long,
+        global = true,
+        env = "FARM_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/farm"
+    )]
+    pub database_url: String,
+    #[arg(
+        long,
+        global = true,
+        env = "FARM_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// Prefix of every Redis key, so several farms (or tests) can share one Redis.
+    #[arg(long, global = true, env = "FARM_REDIS_PREFIX", default_value = "farm")]
+    pub redis_prefix: String,
+    /// `file:///abs/dir`, a folder path, or `s3://bucket` (with the AWS_* variables).
+    #[arg(long, global = true, env = "FARM_STORAGE", default_value = farm_storage::DEFAULT_STORAGE)]
+    pub storage: String,
+    /// The models root: a model's name is its folder name here.
+    #[arg(
+        long,
+        global = true,
+        env = "FARM_MODELS",
+        default_value = "./farm-data/models"
+    )]
+    pub models: PathBuf,
+    /// The coordinator's gRPC address, for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "FARM_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator: String,
+    /// Log format: text or json.
+    #[arg(long, global = true, env = "FARM_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ServeAddrs {
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a coordinator: gRPC API, dispatcher, event ingester, reaper, HTTP endpoints.
+    Coordinator {
+        #[command(flatten)]
+        addrs: ServeAddrs,
+        /// Consumer name in the event stream; keep it stable across restarts.
+        #[arg(long, env = "FARM_COORDINATOR_ID", default_value = "coordinator")]
+        id: String,
+        /// Seconds a dispatched task may wait in the stream before it is requeued.
+        #[arg(long, default_value_t = 600)]
+        queue_lease_secs: u64,
+        /// Seconds a running task may go without a heartbeat before it is requeued.
+        #[arg(long, default_value_t = 30)]
+        run_lease_secs: u64,
+    },
+    /// Run a worker: render tasks from the queue and upload the images.
+    Worker(WorkerArgs),
+    /// A coordinator and N workers in one process, for a laptop.
+    Dev {
+        #[command(flatten)]
+        addrs: ServeAddrs,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
+    /// Run `dev`, render the walkthrough's four prompts and write them with a grid.
+    Demo(demo::DemoArgs),
+    /// Submit a job.
+    Submit(client::SubmitArgs),
+    /// Show a job.
+    Status {
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a job until it ends.
+    Watch { job: String },
+    /// List jobs, newest first.
+    List {
+        #[arg(long)]
+        json: bool,
+        /// Only jobs in this state: pending, running, succeeded, failed, cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Cancel a job: its unfinished tasks stop within one denoising step.
+    Cancel { job: String },
+    /// Download a job's images.
+    Fetch {
+        job: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write grid.png (one row per prompt, one column per seed).
+        #[arg(long)]
+        grid: bool,
+    },
+    /// List workers.
+    Workers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create the database if needed and apply migrations.
+    Migrate,
+    /// Model folders.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct WorkerArgs {
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Worker name (default: hostname-pid-random).
+    #[arg(long, env = "FARM_WORKER_ID")]
+    pub id: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Write a tiny random-weight model with the real SD 1.x architecture (diffusers layout).
+    InitTiny {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower=warn,h2=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+impl Settings {
+    pub fn coordinator_config(&self, addrs: &ServeAddrs) -> CoordinatorConfig {
+        let mut config = CoordinatorConfig::new(&self.database_url, &self.redis_url, &self.storage);
+        config.redis_prefix = self.redis_prefix.clone();
+        config.grpc_addr = addrs.grpc_addr;
+        config.http_addr = addrs.http_addr;
+        config
+    }
+
+    pub fn worker_config(&self, args: &WorkerArgs) -> WorkerConfig {
+        let mut config = WorkerConfig::new(&self.redis_url, &self.storage, self.models.clone());
+        config.redis_prefix = self.redis_prefix.clone();
+        config.concurrency = args.concurrency;
+        config.device = args.device.clone();
+        if let Some(id) = &args.id {
+            config.id = WorkerId(id.clone());
+        }
+        config
+    }
+}
+
+/// Cancelled on Ctrl-C or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            } else {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        t.cancel();
+    });
+    token
+}
+
+/// Coordinator and workers in one process until `shutdown`.
+pub async fn run_dev(
+    settings: &Settings,
+    addrs: &ServeAddrs,
+    workers: usize,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinSet<anyhow::Result<()>>)> {
+    let bound = farm_coordinator::bind(settings.coordinator_config(addrs)).await?;
+    let grpc = bound.grpc_addr();
+    let mut set = tokio::task::JoinSet::new();
+    set.spawn(bound.run(shutdown.clone()));
+    for _ in 0..workers {
+        let config = settings.worker_config(&WorkerArgs {
+            concurrency: 1,
+            device: "cpu".into(),
+            id: None,
+        });
+        set.spawn(farm_worker::run(config, shutdown.clone()));
+    }
+    Ok((grpc, set))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = cli.settings;
+    match cli.command {
+        Command::Coordinator {
+            addrs,
+            id,
+            queue_lease_secs,
+            run_lease_secs,
+        } => {
+            let mut config = settings.coordinator_config(&addrs);
+            config.id = id;
+            config.queue_lease = Duration::from_secs(queue_lease_secs.max(1));
+            config.run_lease = Duration::from_secs(run_lease_secs.max(1));
+            farm_coordinator::run(config, shutdown_on_signal()).await
+        }
+        Command::Worker(args) => {
+            farm_worker::run(settings.worker_config(&args), shutdown_on_signal()).await
+        }
+        Command::Dev { addrs, workers } => {
+            let shutdown = shutdown_on_signal();
+            let (grpc, mut set) = run_dev(&settings, &addrs, workers, shutdown.clone()).await?;
+            eprintln!("farm dev: coordinator on http://{grpc}, {workers} worker(s); Ctrl-C stops");
+            while let Some(done) = set.join_next().await {
+                done.context("a farm task panicked")??;
+                shutdown.cancel();
+            }
+            Ok(())
+        }
+        Command::Demo(args) => demo::run(&settings, args).await,
+        Command::Submit(args) => client::submit(&settings, args).await,
+        Command::Status { job, json } => client::status(&settings, &job, json).await,
+        Command::Watch { job } => client::watch_cmd(&settings, &job).await,
+        Command::List {
+            json,
+            status,
+            limit,
+        } => client::list(&settings, json, status.as_deref(), limit).await,
+        Command::Cancel { job } => client::cancel(&settings, &job).await,
+        Command::Fetch { job, out, grid } => client::fetch(&settings, &job, &out, grid).await,
+        Command::Workers { json } => client::workers(&settings, json).await,
+        Command::Migrate => {
+            farm_coordinator::connect_store(&settings.database_url).await?;
+            println!("migrations applied to {}", settings.database_url);
+            Ok(())
+        }
+        Command::Model {
+            command: ModelCommand::InitTiny { dir, seed },
+        } => {
+            farm_diffusion::init_tiny(&dir, seed)
+                .with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
+            println!(
+                "wrote a tiny random-weight SD 1.x model to {}",
+                dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.settings.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

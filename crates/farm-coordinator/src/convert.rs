@@ -1,0 +1,133 @@
+//! Store rows ↔ protobuf messages.
+
+use chrono::{DateTime, Utc};
+use farm_core::{JobRequest, JobSpec, JobStatus, TaskStatus};
+use farm_proto::v1 as pb;
+
+use crate::store::{JobRow, TaskRow, WorkerRow};
+
+pub(crate) fn ms(t: Option<DateTime<Utc>>) -> i64 {
+    t.map(|t| t.timestamp_millis()).unwrap_or(0)
+}
+
+pub(crate) fn job_status(s: JobStatus) -> pb::JobStatus {
+    match s {
+        JobStatus::Pending => pb::JobStatus::Pending,
+        JobStatus::Running => pb::JobStatus::Running,
+        JobStatus::Succeeded => pb::JobStatus::Succeeded,
+        JobStatus::Failed => pb::JobStatus::Failed,
+        JobStatus::Cancelled => pb::JobStatus::Cancelled,
+    }
+}
+
+pub(crate) fn job_status_filter(s: pb::JobStatus) -> Option<JobStatus> {
+    match s {
+        pb::JobStatus::Unspecified => None,
+        pb::JobStatus::Pending => Some(JobStatus::Pending),
+        pb::JobStatus::Running => Some(JobStatus::Running),
+        pb::JobStatus::Succeeded => Some(JobStatus::Succeeded),
+        pb::JobStatus::Failed => Some(JobStatus::Failed),
+        pb::JobStatus::Cancelled => Some(JobStatus::Cancelled),
+    }
+}
+
+pub(crate) fn task_status(s: TaskStatus) -> pb::TaskStatus {
+    match s {
+        TaskStatus::Pending => pb::TaskStatus::Pending,
+        TaskStatus::Queued => pb::TaskStatus::Queued,
+        TaskStatus::Running => pb::TaskStatus::Running,
+        TaskStatus::Succeeded => pb::TaskStatus::Succeeded,
+        TaskStatus::Failed => pb::TaskStatus::Failed,
+        TaskStatus::Cancelled => pb::TaskStatus::Cancelled,
+    }
+}
+
+pub(crate) fn request_from_pb(spec: pb::JobSpec, idempotency_key: String) -> JobRequest {
+    JobRequest {
+        mode: spec.mode,
+        model: spec.model,
+        prompts: spec.prompts,
+        negative_prompt: spec.negative_prompt,
+        seeds: spec.seeds,
+        seed_range: spec.seed_range.map(|r| (r.start, r.count)),
+        width: spec.width,
+        height: spec.height,
+        steps: spec.steps,
+        guidance_scale: spec.guidance_scale,
+        scheduler: spec.scheduler,
+        priority: spec.priority,
+        max_attempts: spec.max_attempts,
+        idempotency_key,
+    }
+}
+
+pub(crate) fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
+    pb::JobSpec {
+        mode: spec.mode.as_str().to_string(),
+        model: spec.model.clone(),
+        prompts: spec.prompts.clone(),
+        negative_prompt: spec.negative_prompt.clone(),
+        seeds: spec.seeds.clone(),
+        seed_range: None,
+        width: spec.width,
+        height: spec.height,
+        steps: spec.steps,
+        guidance_scale: Some(spec.guidance_scale),
+        scheduler: spec.scheduler.as_str().to_string(),
+        priority: spec.priority,
+        max_attempts: spec.max_attempts,
+    }
+}
+
+pub(crate) fn task_to_pb(t: &TaskRow) -> pb::Task {
+    pb::Task {
+        index: t.index,
+        seed: t.seed,
+        prompt: t.prompt.clone(),
+        status: task_status(t.status) as i32,
+        object_key: t.object_key.clone().unwrap_or_default(),
+        sha256: t.sha256.clone().unwrap_or_default(),
+        size_bytes: t.size_bytes.unwrap_or(0),
+        attempts: t.attempt,
+        error: t.error.clone().unwrap_or_default(),
+        worker: t.worker.clone().unwrap_or_default(),
+        started_at_ms: ms(t.started_at),
+        finished_at_ms: ms(t.finished_at),
+    }
+}
+
+pub(crate) fn job_to_pb(job: &JobRow, tasks: &[TaskRow]) -> pb::Job {
+    let running = tasks
+        .iter()
+        .filter(|t| t.status == TaskStatus::Running)
+        .count() as u32;
+    pb::Job {
+        id: job.id.to_string(),
+        status: job_status(job.status) as i32,
+        spec: Some(spec_to_pb(&job.spec)),
+        idempotency_key: job.spec.idempotency_key.clone().unwrap_or_default(),
+        tasks_total: job.tasks_total,
+        tasks_succeeded: job.tasks_succeeded,
+        tasks_failed: job.tasks_failed,
+        tasks_cancelled: job.tasks_cancelled,
+        tasks_running: running,
+        created_at_ms: job.created_at.timestamp_millis(),
+        finished_at_ms: ms(job.finished_at),
+        tasks: tasks.iter().map(task_to_pb).collect(),
+    }
+}
+
+pub(crate) fn worker_to_pb(w: &WorkerRow) -> pb::Worker {
+    pb::Worker {
+        id: w.info.worker.0.clone(),
+        hostname: w.info.hostname.clone(),
+        device: w.info.device.clone(),
+        concurrency: w.info.concurrency,
+        running: w.running,
+        models: w.info.models.clone(),
+        last_seen_ms: w.last_seen.timestamp_millis(),
+        online: w.online,
+        tasks_done: w.info.tasks_done,
+        tasks_failed: w.info.tasks_failed,
+    }
+}

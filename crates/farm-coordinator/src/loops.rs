@@ -1,0 +1,234 @@
+//! The coordinator's three background loops.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use farm_core::{JobId, JobSpec, TaskSpec};
+use farm_queue::Event;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::store::Claimed;
+use crate::{Shared, Update};
+
+const DISPATCH_TICK: Duration = Duration::from_millis(100);
+const REAP_TICK: Duration = Duration::from_secs(1);
+const EVENT_BATCH: usize = 512;
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Late binding: keeps queued + running tasks at about twice the online worker slots, so
+/// priorities and cancellation still act on everything not yet handed out.
+pub(crate) async fn dispatcher(
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut specs: HashMap<JobId, Arc<JobSpec>> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = shared.dispatch_now.notified() => {}
+            _ = tokio::time::sleep(DISPATCH_TICK) => {}
+        }
+        match dispatch_once(&shared, &mut specs).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(n, "dispatched"),
+            Err(e) => {
+                tracing::warn!(error = %e, "dispatch failed; retrying");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+        if specs.len() > 10_000 {
+            specs.clear();
+        }
+    }
+}
+
+async fn dispatch_once(
+    shared: &Shared,
+    specs: &mut HashMap<JobId, Arc<JobSpec>>,
+) -> anyhow::Result<usize> {
+    let (slots, queued, running) = shared.store.capacity().await?;
+    let room = (2 * slots).saturating_sub(queued + running).min(1000) as u32;
+    if room == 0 {
+        return Ok(0);
+    }
+    let claimed = shared
+        .store
+        .claim_for_dispatch(room, shared.config.queue_lease)
+        .await?;
+    if claimed.is_empty() {
+        return Ok(0);
+    }
+    let missing: Vec<JobId> = claimed
+        .iter()
+        .map(|c| c.task.job)
+        .filter(|j| !specs.contains_key(j))
+        .collect();
+    if !missing.is_empty() {
+        for (id, spec) in shared.store.job_specs(&missing).await? {
+            specs.insert(id, Arc::new(spec));
+        }
+    }
+    let prefix = &shared.config.redis_prefix;
+    let messages: Vec<TaskSpec> = claimed
+        .iter()
+        .filter_map(|c| {
+            let spec = specs.get(&c.task.job)?;
+            spec.task_spec(c.task.job, c.task.index, c.attempt, prefix)
+        })
+        .collect();
+    if messages.len() != claimed.len() {
+        // Cannot happen while jobs are never deleted; put them back rather than lose them.
+        shared.store.unclaim(&claimed).await?;
+        anyhow::bail!("a claimed task has no job spec");
+    }
+    match shared.queue.dispatch(&messages).await {
+        Ok(ids) => {
+            shared.store.set_stream_ids(&claimed, &ids).await?;
+            for c in &claimed {
+                let _ = shared.updates.send(Update::Changed(c.task));
+            }
+            Ok(claimed.len())
+        }
+        Err(e) => {
+            unclaim_or_log(shared, &claimed).await;
+            Err(e.into())
+        }
+    }
+}
+
+async fn unclaim_or_log(shared: &Shared, claimed: &[Claimed]) {
+    if let Err(e) = shared.store.unclaim(claimed).await {
+        // The leases will bring them back.
+        tracing::warn!(error = %e, "could not unclaim tasks");
+    }
+}
+
+/// Applies worker events to Postgres in batches; acknowledges only what was applied.
+pub(crate) async fn ingester(
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let consumer = shared.config.id.clone();
+    // First the events this consumer was handed before a restart but never acknowledged.
+    let mut pending = true;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let read = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = shared.queue.read_events(&consumer, EVENT_BATCH, Duration::from_secs(1), pending) => r,
+        };
+        let batch = match read {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading events failed; retrying");
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            pending = false;
+            continue;
+        }
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            match delivery.message {
+                Ok(event) => {
+                    ids.push(delivery.id);
+                    events.push(event);
+                }
+                Err(bad) => {
+                    tracing::warn!(id = %bad.id, reason = %bad.reason, "undecodable event dead-lettered");
+                    if let Err(e) = shared.queue.dead_letter(false, &bad).await {
+                        tracing::warn!(error = %e, "dead-lettering failed");
+                    }
+                }
+            }
+        }
+        // Retry the same batch until Postgres takes it: nothing is acknowledged unapplied.
+        let span = tracing::debug_span!("ingest", n = events.len());
+        loop {
+            match shared
+                .store
+                .apply(&events, shared.config.run_lease)
+                .instrument(span.clone())
+                .await
+            {
+                Ok(applied) => {
+                    if applied.ignored > 0 {
+                        tracing::debug!(
+                            ignored = applied.ignored,
+                            "stale or duplicate events ignored"
+                        );
+                    }
+                    for task in applied.changed {
+                        let _ = shared.updates.send(Update::Changed(task));
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "applying events failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                    }
+                }
+            }
+        }
+        for event in &events {
+            if let Event::Progress {
+                task,
+                step,
+                total_steps,
+                worker,
+                ..
+            } = event
+            {
+                let _ = shared.updates.send(Update::Progress {
+                    task: *task,
+                    step: *step,
+                    total_steps: *total_steps,
+                    worker: worker.0.clone(),
+                });
+            }
+        }
+        if let Err(e) = shared.queue.ack_events(&ids).await {
+            // Applying twice is harmless (fencing); the events come back after a restart.
+            tracing::warn!(error = %e, "acknowledging events failed");
+        }
+        shared.dispatch_now.notify_one();
+    }
+}
+
+/// Requeues tasks whose lease expired (worker killed, node lost, Redis emptied).
+pub(crate) async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(REAP_TICK) => {}
+        }
+        match shared.store.reap_expired(1000).await {
+            Ok(reaped) if reaped.is_empty() => {}
+            Ok(reaped) => {
+                tracing::warn!(
+                    n = reaped.len(),
+                    "leases expired; tasks requeued or dead-lettered"
+                );
+                let stale: Vec<String> =
+                    reaped.iter().filter_map(|r| r.stream_id.clone()).collect();
+                if let Err(e) = shared.queue.retract_tasks(&stale).await {
+                    tracing::warn!(error = %e, "could not retract stale dispatch messages");
+                }
+                for r in reaped {
+                    let _ = shared.updates.send(Update::Changed(r.task));
+                }
+                shared.dispatch_now.notify_one();
+            }
+            Err(e) => tracing::warn!(error = %e, "reaping failed"),
+        }
+    }
+}

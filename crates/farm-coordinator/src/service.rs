@@ -1,0 +1,386 @@
+//! The gRPC API: `farm.v1.JobService`, `farm.v1.ClusterService`, health and reflection.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use farm_core::{validate, JobId, TaskRef, TaskStatus};
+use farm_proto::v1 as pb;
+use farm_proto::v1::cluster_service_server::{ClusterService, ClusterServiceServer};
+use farm_proto::v1::job_service_server::{JobService, JobServiceServer};
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::convert::{job_status_filter, job_to_pb, request_from_pb, task_to_pb, worker_to_pb};
+use crate::store::{StoreError, DEFAULT_TENANT};
+use crate::{Shared, Update};
+
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+const WATCH_POLL: Duration = Duration::from_secs(1);
+/// Rows committed slightly out of `updated_at` order are still seen by a watcher.
+const WATCH_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
+
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<JobServiceServer<Api>>().await;
+    health.set_serving::<ClusterServiceServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let api = Api { shared };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            JobServiceServer::new(api.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(ClusterServiceServer::new(api))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+#[derive(Clone)]
+struct Api {
+    shared: Arc<Shared>,
+}
+
+fn store_status(e: StoreError) -> Status {
+    if e.is_unavailable() {
+        Status::unavailable(format!("database unavailable: {e}"))
+    } else {
+        tracing::error!(error = %e, "store error");
+        Status::internal(e.to_string())
+    }
+}
+
+fn parse_job_id(s: &str) -> Result<JobId, Status> {
+    s.parse()
+        .map_err(|_| Status::invalid_argument(format!("job_id: {s:?} is not a job id (a UUID)")))
+}
+
+fn parse_page_token(s: &str) -> Result<Option<(DateTime<Utc>, Uuid)>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Status::invalid_argument("page_token: not a token from a previous ListJobs");
+    let (micros, id) = s.split_once('_').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let ts = DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
+    let id = Uuid::parse_str(id).map_err(|_| bad())?;
+    Ok(Some((ts, id)))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for Api {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let req = request.into_inner();
+        let spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        let spec = validate(&request_from_pb(spec, req.idempotency_key))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (job, created) = self
+            .shared
+            .store
+            .submit(&spec, DEFAULT_TENANT)
+            .await
+            .map_err(store_status)?;
+        if created {
+            tracing::info!(job = %job.id, tasks = job.tasks_total, model = %spec.model, "job submitted");
+            self.shared.dispatch_now.notify_one();
+        }
+        Ok(Response::new(pb::SubmitJobResponse {
+            job: Some(job_to_pb(&job, &[])),
+            created,
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let req = request.into_inner();
+        let id = parse_job_id(&req.job_id)?;
+        let store = &self.shared.store;
+        let job = store
+            .job(id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+        let tasks = if req.include_tasks {
+            store.tasks(id).await.map_err(store_status)?
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(job_to_pb(&job, &tasks)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let req = request.into_inner();
+        let page_size = match req.page_size {
+            0 => 50,
+            n if n > 1000 => {
+                return Err(Status::invalid_argument("page_size: at most 1000"));
+            }
+            n => n,
+        };
+        let status = pb::JobStatus::try_from(req.status).map_err(|_| {
+            Status::invalid_argument(format!("status: unknown value {}", req.status))
+        })?;
+        let after = parse_page_token(&req.page_token)?;
+        let jobs = self
+            .shared
+            .store
+            .list_jobs(job_status_filter(status), page_size + 1, after)
+            .await
+            .map_err(store_status)?;
+        let more = jobs.len() > page_size as usize;
+        let jobs = &jobs[..jobs.len().min(page_size as usize)];
+        let next_page_token = match (more, jobs.last()) {
+            (true, Some(last)) => format!("{}_{}", last.created_at.timestamp_micros(), last.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(|j| job_to_pb(j, &[])).collect(),
+            next_page_token,
+        }))
+    }
+
+    type WatchJobStream = WatchStream;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = parse_job_id(&request.into_inner().job_id)?;
+        let store = &self.shared.store;
+        let job = store
+            .job(id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+        let tasks = store.tasks(id).await.map_err(store_status)?;
+        let updates = self.shared.updates.subscribe();
+        let (tx, rx) = mpsc::channel(256);
+        let shared = self.shared.clone();
+        let span = tracing::info_span!("watch", job = %id);
+        tokio::spawn(
+            async move {
+                if let Err(e) = watch(shared, id, job, tasks, updates, tx.clone()).await {
+                    let _ = tx.send(Err(e)).await;
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let id = parse_job_id(&request.into_inner().job_id)?;
+        let job = self
+            .shared
+            .store
+            .cancel(id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+        // Workers check this mark between steps; Postgres already holds the truth.
+        if let Err(e) = self.shared.queue.mark_cancelled(id).await {
+            tracing::warn!(job = %id, error = %e, "could not tell workers about the cancel");
+        }
+        tracing::info!(job = %id, "job cancelled");
+        let tasks = self.shared.store.tasks(id).await.map_err(store_status)?;
+        Ok(Response::new(job_to_pb(&job, &tasks)))
+    }
+
+    async fn get_task_image(
+        &self,
+        request: Request<pb::GetTaskImageRequest>,
+    ) -> Result<Response<pb::TaskImage>, Status> {
+        let req = request.into_inner();
+        let job = parse_job_id(&req.job_id)?;
+        let task = self
+            .shared
+            .store
+            .task(TaskRef {
+                job,
+                index: req.index,
+            })
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| {
+                Status::not_found(format!("task {} of job {job} not found", req.index))
+            })?;
+        let key = match (task.status, task.object_key) {
+            (TaskStatus::Succeeded, Some(key)) => key,
+            (status, _) => {
+                return Err(Status::failed_precondition(format!(
+                    "task {} of job {job} is {status}; only succeeded tasks have an image",
+                    req.index
+                )))
+            }
+        };
+        let png = self
+            .shared
+            .storage
+            .get(&key)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::TaskImage {
+            object_key: key,
+            png: png.to_vec(),
+        }))
+    }
+}
+
+/// Feeds one WatchJob stream: the snapshot, then task changes and progress, then the final
+/// snapshot when the job ends. Changes are read back from Postgres (so changes applied by other
+/// coordinators show too); this coordinator's own updates only wake the loop early.
+async fn watch(
+    shared: Arc<Shared>,
+    id: JobId,
+    job: crate::store::JobRow,
+    tasks: Vec<crate::store::TaskRow>,
+    mut updates: broadcast::Receiver<Update>,
+    tx: mpsc::Sender<Result<pb::JobEvent, Status>>,
+) -> Result<(), Status> {
+    let snapshot = |job: &crate::store::JobRow, tasks: &[crate::store::TaskRow]| pb::JobEvent {
+        event: Some(pb::job_event::Event::Snapshot(job_to_pb(job, tasks))),
+    };
+    let mut since = tasks
+        .iter()
+        .map(|t| t.updated_at)
+        .max()
+        .unwrap_or(job.created_at);
+    let mut known: HashMap<u32, (TaskStatus, u32)> = tasks
+        .iter()
+        .map(|t| (t.index, (t.status, t.attempt)))
+        .collect();
+    let ended = job.status.is_terminal();
+    if tx.send(Ok(snapshot(&job, &tasks))).await.is_err() || ended {
+        return Ok(());
+    }
+    loop {
+        let mut refresh = false;
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_POLL) => refresh = true,
+            update = updates.recv() => match update {
+                Ok(Update::Progress { task, step, total_steps, worker }) if task.job == id => {
+                    let event = pb::JobEvent {
+                        event: Some(pb::job_event::Event::Progress(pb::TaskProgress {
+                            index: task.index,
+                            step,
+                            total_steps,
+                            worker,
+                        })),
+                    };
+                    if tx.send(Ok(event)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(Update::Changed(task)) if task.job == id => refresh = true,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => refresh = true,
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+        }
+        if !refresh {
+            continue;
+        }
+        let changed = shared
+            .store
+            .tasks_changed_since(id, since - WATCH_OVERLAP)
+            .await
+            .map_err(store_status)?;
+        for t in changed {
+            since = since.max(t.updated_at);
+            let state = (t.status, t.attempt);
+            if known.get(&t.index) == Some(&state) {
+                continue;
+            }
+            known.insert(t.index, state);
+            let event = pb::JobEvent {
+                event: Some(pb::job_event::Event::Task(task_to_pb(&t))),
+            };
+            if tx.send(Ok(event)).await.is_err() {
+                return Ok(());
+            }
+        }
+        let job = shared
+            .store
+            .job(id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+        if job.status.is_terminal() {
+            let tasks = shared.store.tasks(id).await.map_err(store_status)?;
+            let _ = tx.send(Ok(snapshot(&job, &tasks))).await;
+            return Ok(());
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for Api {
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = self.shared.store.workers().await.map_err(store_status)?;
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers: workers.iter().map(worker_to_pb).collect(),
+        }))
+    }
+
+    async fn get_queue_stats(
+        &self,
+        _request: Request<pb::GetQueueStatsRequest>,
+    ) -> Result<Response<pb::QueueStats>, Status> {
+        let store = &self.shared.store;
+        let counts = store.task_counts().await.map_err(store_status)?;
+        let workers = store.workers().await.map_err(store_status)?;
+        let online: Vec<_> = workers.iter().filter(|w| w.online).collect();
+        let stream_len = self.shared.queue.tasks_stream_len().await.unwrap_or(0);
+        Ok(Response::new(pb::QueueStats {
+            pending: counts.pending,
+            queued: counts.queued,
+            running: counts.running,
+            succeeded: counts.succeeded,
+            failed: counts.failed,
+            cancelled: counts.cancelled,
+            workers_online: online.len() as u32,
+            slots_total: online.iter().map(|w| w.info.concurrency).sum(),
+            dispatch_stream_length: stream_len,
+            oldest_pending_age_ms: counts
+                .oldest_pending
+                .map(|t| (Utc::now() - t).num_milliseconds())
+                .unwrap_or(0),
+        }))
+    }
+}

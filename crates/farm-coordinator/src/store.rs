@@ -1,0 +1,875 @@
+//! The Postgres store: the only code in the farm that touches SQL.
+//!
+//! Every task transition is a single `UPDATE ... WHERE attempt = $n AND status IN (...)`, so an
+//! event from a superseded attempt, or a duplicate, matches no row and changes nothing.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use farm_core::{Attempt, JobId, JobSpec, JobStatus, TaskRef, TaskStatus};
+use farm_queue::{Event, WorkerInfo};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// The tenant of every job until API tokens exist.
+pub const DEFAULT_TENANT: &str = "default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("postgres {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("postgres: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// True when the database could not be reached (as opposed to a bad query).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Connect { .. } => true,
+            StoreError::Sql(e) => matches!(
+                e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Tls(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub status: JobStatus,
+    pub tasks_total: u32,
+    pub tasks_succeeded: u32,
+    pub tasks_failed: u32,
+    pub tasks_cancelled: u32,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    pub index: u32,
+    pub seed: u64,
+    pub prompt: String,
+    pub status: TaskStatus,
+    pub attempt: u32,
+    pub worker: Option<String>,
+    pub object_key: Option<String>,
+    pub sha256: Option<String>,
+    pub size_bytes: Option<u64>,
+    pub error: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerRow {
+    pub info: WorkerInfo,
+    pub running: u32,
+    pub last_seen: DateTime<Utc>,
+    pub online: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TaskCounts {
+    pub pending: u64,
+    pub queued: u64,
+    pub running: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub oldest_pending: Option<DateTime<Utc>>,
+}
+
+/// A task the dispatcher just moved to `queued`.
+#[derive(Debug, Clone, Copy)]
+pub struct Claimed {
+    pub task: TaskRef,
+    pub attempt: Attempt,
+}
+
+/// A task whose lease expired, as the reaper left it.
+#[derive(Debug, Clone)]
+pub struct Reaped {
+    pub task: TaskRef,
+    pub status: TaskStatus,
+    pub stream_id: Option<String>,
+}
+
+/// Which task rows an event batch changed, for watchers.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub changed: Vec<TaskRef>,
+    pub ignored: usize,
+}
+
+/// A worker is online while its heartbeats are younger than this.
+pub const WORKER_ONLINE_SECS: i64 = 15;
+
+fn seed_to_db(seed: u64) -> i64 {
+    seed as i64
+}
+
+fn seed_from_db(seed: i64) -> u64 {
+    seed as u64
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects to `url`, creating the database if it does not exist, and applies migrations.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let connect_err = |source| StoreError::Connect {
+            url: url.to_string(),
+            source,
+        };
+        let options = PgConnectOptions::from_str(url).map_err(connect_err)?;
+        let options = options.log_statements(tracing::log::LevelFilter::Trace);
+        let database = options.get_database().unwrap_or("postgres").to_string();
+        let pool_opts = || {
+            PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(5))
+        };
+        let pool = match pool_opts().connect_with(options.clone()).await {
+            Ok(pool) => pool,
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+                // 3D000: invalid_catalog_name, the database does not exist yet.
+                let admin = pool_opts()
+                    .max_connections(1)
+                    .connect_with(options.clone().database("postgres"))
+                    .await
+                    .map_err(connect_err)?;
+                let quoted = database.replace('"', "\"\"");
+                match sqlx::query(&format!("CREATE DATABASE \"{quoted}\""))
+                    .execute(&admin)
+                    .await
+                {
+                    Ok(_) => {}
+                    // 42P04: duplicate_database, someone else created it meanwhile.
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                    Err(e) => return Err(connect_err(e)),
+                }
+                admin.close().await;
+                pool_opts()
+                    .connect_with(options)
+                    .await
+                    .map_err(connect_err)?
+            }
+            Err(e) => return Err(connect_err(e)),
+        };
+        let store = Store { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Writes the job and all its tasks in one transaction. With an idempotency key already
+    /// used by this tenant, writes nothing and returns the existing job (`created` false).
+    pub async fn submit(&self, spec: &JobSpec, tenant: &str) -> Result<(JobRow, bool)> {
+        let mut tx = self.pool.begin().await?;
+        let id = JobId::new();
+        let spec_json =
+            serde_json::to_value(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let inserted = sqlx::query(
+            "INSERT INTO jobs (id, tenant, idempotency_key, spec, priority, tasks_total)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (tenant, idempotency_key) DO NOTHING
+             RETURNING id",
+        )
+        .bind(id.0)
+        .bind(tenant)
+        .bind(spec.idempotency_key.as_deref())
+        .bind(&spec_json)
+        .bind(spec.priority)
+        .bind(spec.tasks_total() as i32)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if inserted.is_none() {
+            tx.rollback().await?;
+            let existing: Uuid = sqlx::query_scalar(
+                "SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+            )
+            .bind(tenant)
+            .bind(spec.idempotency_key.as_deref())
+            .fetch_one(&self.pool)
+            .await?;
+            let job = self
+                .job(JobId(existing))
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("idempotent job vanished".into()))?;
+            return Ok((job, false));
+        }
+        let n = spec.tasks_total() as usize;
+        let mut idx = Vec::with_capacity(n);
+        let mut seeds = Vec::with_capacity(n);
+        let mut prompts = Vec::with_capacity(n);
+        for (i, prompt, seed) in spec.tasks() {
+            idx.push(i as i32);
+            seeds.push(seed_to_db(seed));
+            prompts.push(prompt);
+        }
+        sqlx::query(
+            "INSERT INTO tasks (job_id, idx, seed, prompt, priority, max_attempts)
+             SELECT $1, u.i, u.s, u.p, $5, $6
+             FROM unnest($2::int[], $3::bigint[], $4::text[]) AS u(i, s, p)",
+        )
+        .bind(id.0)
+        .bind(&idx)
+        .bind(&seeds)
+        .bind(&prompts)
+        .bind(spec.priority)
+        .bind(spec.max_attempts as i32)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let job = self
+            .job(id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("submitted job vanished".into()))?;
+        Ok((job, true))
+    }
+
+    pub async fn job(&self, id: JobId) -> Result<Option<JobRow>> {
+        let row = sqlx::query(&format!("{JOB_COLUMNS} WHERE id = $1"))
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| job_from_row(&r)).transpose()
+    }
+
+    /// Jobs newest first; `after` is the (created_at, id) of the last job of the previous page.
+    pub async fn list_jobs(
+        &self,
+        status: Option<JobStatus>,
+        limit: u32,
+        after: Option<(DateTime<Utc>, Uuid)>,
+    ) -> Result<Vec<JobRow>> {
+        let (after_ts, after_id) = match after {
+            Some((ts, id)) => (Some(ts), Some(id)),
+            None => (None, None),
+        };
+        let rows = sqlx::query(&format!(
+            "{JOB_COLUMNS}
+             WHERE ($1::text IS NULL OR status = $1)
+               AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+             ORDER BY created_at DESC, id DESC
+             LIMIT $4"
+        ))
+        .bind(status.map(|s| s.as_str()))
+        .bind(after_ts)
+        .bind(after_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    pub async fn tasks(&self, job: JobId) -> Result<Vec<TaskRow>> {
+        let rows = sqlx::query(&format!("{TASK_COLUMNS} WHERE job_id = $1 ORDER BY idx"))
+            .bind(job.0)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(task_from_row).collect()
+    }
+
+    pub async fn task(&self, task: TaskRef) -> Result<Option<TaskRow>> {
+        let row = sqlx::query(&format!("{TASK_COLUMNS} WHERE job_id = $1 AND idx = $2"))
+            .bind(task.job.0)
+            .bind(task.index as i32)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| task_from_row(&r)).transpose()
+    }
+
+    /// Tasks of `job` changed after `since`, oldest change first.
+    pub async fn tasks_changed_since(
+        &self,
+        job: JobId,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<TaskRow>> {
+        let rows = sqlx::query(&format!(
+            "{TASK_COLUMNS} WHERE job_id = $1 AND updated_at > $2 ORDER BY updated_at, idx"
+        ))
+        .bind(job.0)
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(task_from_row).collect()
+    }
+
+    /// Cancels a job and every unfinished task of it. Returns `None` for an unknown job; a job
+    /// that already ended is returned unchanged.
+    pub async fn cancel(&self, job: JobId) -> Result<Option<JobRow>> {
+        let mut tx = self.pool.begin().await?;
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(job.0)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(status) = status else {
+            return Ok(None);
+        };
+        let status =
+            JobStatus::from_str(&status).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if !status.is_terminal() {
+            let cancelled = sqlx::query(
+                "UPDATE tasks SET status = 'cancelled', lease_deadline = NULL, finished_at = now(),
+                        updated_at = clock_timestamp()
+                 WHERE job_id = $1 AND status IN ('pending', 'queued', 'running')",
+            )
+            .bind(job.0)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query(
+                "UPDATE jobs SET status = 'cancelled', finished_at = now(),
+                        tasks_cancelled = tasks_cancelled + $2
+                 WHERE id = $1",
+            )
+            .bind(job.0)
+            .bind(cancelled as i32)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.job(job).await
+    }
+
+    /// Moves up to `limit` pending tasks (highest priority, then oldest, first) to `queued`
+    /// with the next attempt number and a lease of `lease`. Several coordinators may call this
+    /// at once: `SKIP LOCKED` gives each its own tasks.
+    pub async fn claim_for_dispatch(&self, limit: u32, lease: Duration) -> Result<Vec<Claimed>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "WITH picked AS (
+                SELECT job_id, idx FROM tasks
+                WHERE status = 'pending'
+                ORDER BY priority DESC, created_at, job_id, idx
+                LIMIT $1
+                FOR UPDATE SKIP LOCKED
+             )
+             UPDATE tasks t
+             SET status = 'queued', attempt = t.attempt + 1, queued_at = now(), worker = NULL,
+                 lease_deadline = now() + make_interval(secs => $2), stream_id = NULL,
+                 updated_at = clock_timestamp()
+             FROM picked
+             WHERE t.job_id = picked.job_id AND t.idx = picked.idx
+             RETURNING t.job_id, t.idx, t.attempt",
+        )
+        .bind(i64::from(limit))
+        .bind(secs(lease))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Claimed {
+                    task: TaskRef {
+                        job: JobId(r.try_get("job_id")?),
+                        index: r.try_get::<i32, _>("idx")? as u32,
+                    },
+                    attempt: Attempt(r.try_get::<i32, _>("attempt")? as u32),
+                })
+            })
+            .collect()
+    }
+
+    /// Remembers which stream entry carries each dispatched attempt (to retract it later).
+    pub async fn set_stream_ids(&self, claimed: &[Claimed], ids: &[String]) -> Result<()> {
+        let jobs: Vec<Uuid> = claimed.iter().map(|c| c.task.job.0).collect();
+        let idx: Vec<i32> = claimed.iter().map(|c| c.task.index as i32).collect();
+        let attempts: Vec<i32> = claimed.iter().map(|c| c.attempt.0 as i32).collect();
+        sqlx::query(
+            "UPDATE tasks t SET stream_id = u.sid
+             FROM unnest($1::uuid[], $2::int[], $3::int[], $4::text[]) AS u(j, i, a, sid)
+             WHERE t.job_id = u.j AND t.idx = u.i AND t.attempt = u.a",
+        )
+        .bind(&jobs)
+        .bind(&idx)
+        .bind(&attempts)
+        .bind(ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Puts claimed tasks back to `pending` (their dispatch failed before reaching Redis).
+    pub async fn unclaim(&self, claimed: &[Claimed]) -> Result<()> {
+        let jobs: Vec<Uuid> = claimed.iter().map(|c| c.task.job.0).collect();
+        let idx: Vec<i32> = claimed.iter().map(|c| c.task.index as i32).collect();
+        let attempts: Vec<i32> = claimed.iter().map(|c| c.attempt.0 as i32).collect();
+        sqlx::query(
+            "UPDATE tasks t SET status = 'pending', attempt = t.attempt - 1, lease_deadline = NULL,
+                    updated_at = clock_timestamp()
+             FROM unnest($1::uuid[], $2::int[], $3::int[]) AS u(j, i, a)
+             WHERE t.job_id = u.j AND t.idx = u.i AND t.attempt = u.a AND t.status = 'queued'",
+        )
+        .bind(&jobs)
+        .bind(&idx)
+        .bind(&attempts)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn job_specs(&self, jobs: &[JobId]) -> Result<Vec<(JobId, JobSpec)>> {
+        let ids: Vec<Uuid> = jobs.iter().map(|j| j.0).collect();
+        let rows = sqlx::query("SELECT id, spec FROM jobs WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let spec: serde_json::Value = r.try_get("spec")?;
+                let spec =
+                    serde_json::from_value(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok((JobId(r.try_get("id")?), spec))
+            })
+            .collect()
+    }
+
+    /// (slots of online workers, tasks queued, tasks running).
+    pub async fn capacity(&self) -> Result<(u64, u64, u64)> {
+        let slots: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(concurrency), 0)::bigint FROM workers
+             WHERE last_seen > now() - make_interval(secs => $1)",
+        )
+        .bind(WORKER_ONLINE_SECS as f64)
+        .fetch_one(&self.pool)
+        .await?;
+        let row = sqlx::query(
+            "SELECT count(*) FILTER (WHERE status = 'queued') AS queued,
+                    count(*) FILTER (WHERE status = 'running') AS running
+             FROM tasks WHERE status IN ('queued', 'running')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((
+            slots as u64,
+            row.try_get::<i64, _>("queued")? as u64,
+            row.try_get::<i64, _>("running")? as u64,
+        ))
+    }
+
+    /// Applies a batch of worker events in one transaction. Each task transition is fenced by
+    /// attempt and by the states it may come from; job counters are updated once per job, in
+    /// job-id order (so concurrent coordinators cannot deadlock on them).
+    pub async fn apply(&self, events: &[Event], run_lease: Duration) -> Result<Applied> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.apply_once(events, run_lease).await {
+                // 40P01 deadlock_detected, 40001 serialization_failure: retry the batch.
+                Err(StoreError::Sql(sqlx::Error::Database(e)))
+                    if tries < 4
+                        && matches!(e.code().as_deref(), Some("40P01") | Some("40001")) =>
+                {
+                    tracing::warn!(error = %e, "event batch conflicted; retrying");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn apply_once(&self, events: &[Event], run_lease: Duration) -> Result<Applied> {
+        let mut tx = self.pool.begin().await?;
+        let mut applied = Applied::default();
+        // job -> (succeeded delta, failed delta, started)
+        let mut deltas: BTreeMap<Uuid, (i32, i32, bool)> = BTreeMap::new();
+        for event in events {
+            match event {
+                Event::Started {
+                    task,
+                    attempt,
+                    worker,
+                } => {
+                    let n = sqlx::query(
+                        "UPDATE tasks SET status = 'running', worker = $4, started_at = now(),
+                                lease_deadline = now() + make_interval(secs => $5),
+                                updated_at = clock_timestamp()
+                         WHERE job_id = $1 AND idx = $2 AND attempt = $3 AND status = 'queued'",
+                    )
+                    .bind(task.job.0)
+                    .bind(task.index as i32)
+                    .bind(attempt.0 as i32)
+                    .bind(&worker.0)
+                    .bind(secs(run_lease))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if n == 1 {
+                        deltas.entry(task.job.0).or_default().2 = true;
+                        applied.changed.push(*task);
+                    } else {
+                        applied.ignored += 1;
+                    }
+                }
+                Event::Progress { .. } => {}
+                Event::Succeeded {
+                    task,
+                    attempt,
+                    worker,
+                    object_key,
+                    sha256,
+                    size_bytes,
+                    timings,
+                } => {
+                    let n = sqlx::query(
+                        "UPDATE tasks SET status = 'succeeded', worker = $4, object_key = $5,
+                                sha256 = $6, size_bytes = $7, load_ms = $8, render_ms = $9,
+                                upload_ms = $10, error = NULL, lease_deadline = NULL,
+                                started_at = coalesce(started_at, now()), finished_at = now(),
+                                updated_at = clock_timestamp()
+                         WHERE job_id = $1 AND idx = $2 AND attempt = $3
+                           AND status IN ('queued', 'running')",
+                    )
+                    .bind(task.job.0)
+                    .bind(task.index as i32)
+                    .bind(attempt.0 as i32)
+                    .bind(&worker.0)
+                    .bind(object_key)
+                    .bind(sha256)
+                    .bind(*size_bytes as i64)
+                    .bind(timings.load_ms as i64)
+                    .bind(timings.render_ms as i64)
+                    .bind(timings.upload_ms as i64)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if n == 1 {
+                        let d = deltas.entry(task.job.0).or_default();
+                        d.0 += 1;
+                        d.2 = true;
+                        applied.changed.push(*task);
+                        sqlx::query("UPDATE workers SET tasks_done = tasks_done + 1 WHERE id = $1")
+                            .bind(&worker.0)
+                            .execute(&mut *tx)
+                            .await?;
+                    } else {
+                        applied.ignored += 1;
+                    }
+                }
+                Event::Failed {
+                    task,
+                    attempt,
+                    worker,
+                    error,
+                    retryable,
+                } => {
+                    let status: Option<String> = sqlx::query_scalar(
+                        "UPDATE tasks SET
+                                status = CASE WHEN $5 AND attempt < max_attempts THEN 'pending' ELSE 'failed' END,
+                                finished_at = CASE WHEN $5 AND attempt < max_attempts THEN NULL ELSE now() END,
+                                worker = $4, error = $6, lease_deadline = NULL,
+                                updated_at = clock_timestamp()
+                         WHERE job_id = $1 AND idx = $2 AND attempt = $3
+                           AND status IN ('queued', 'running')
+                         RETURNING status",
+                    )
+                    .bind(task.job.0)
+                    .bind(task.index as i32)
+                    .bind(attempt.0 as i32)
+                    .bind(&worker.0)
+                    .bind(*retryable)
+                    .bind(format!("attempt {attempt} on {worker}: {error}"))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    match status.as_deref() {
+                        Some(s) => {
+                            let d = deltas.entry(task.job.0).or_default();
+                            d.2 = true;
+                            if s == "failed" {
+                                d.1 += 1;
+                            }
+                            applied.changed.push(*task);
+                            sqlx::query(
+                                "UPDATE workers SET tasks_failed = tasks_failed + 1 WHERE id = $1",
+                            )
+                            .bind(&worker.0)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        None => applied.ignored += 1,
+                    }
+                }
+                Event::Heartbeat(info) => {
+                    upsert_worker(&mut tx, info).await?;
+                    extend_leases(&mut tx, &info.running, run_lease).await?;
+                }
+            }
+        }
+        for (job, (succeeded, failed, _started)) in deltas {
+            bump_job(&mut tx, job, succeeded, failed).await?;
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Sends tasks whose lease expired back to `pending` (or to `failed` when they used all
+    /// their attempts, keeping the reason). Returns what it changed.
+    pub async fn reap_expired(&self, limit: u32) -> Result<Vec<Reaped>> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "WITH expired AS (
+                SELECT job_id, idx FROM tasks
+                WHERE status IN ('queued', 'running') AND lease_deadline < now()
+                ORDER BY lease_deadline
+                LIMIT $1
+                FOR UPDATE SKIP LOCKED
+             ),
+             old AS (
+                SELECT t.job_id, t.idx, t.stream_id AS old_stream_id FROM tasks t JOIN expired USING (job_id, idx)
+             )
+             UPDATE tasks t SET
+                status = CASE WHEN t.attempt < t.max_attempts THEN 'pending' ELSE 'failed' END,
+                finished_at = CASE WHEN t.attempt < t.max_attempts THEN NULL ELSE now() END,
+                error = format('attempt %s: lease expired while %s%s', t.attempt, t.status,
+                               coalesce(' on ' || t.worker, '')),
+                lease_deadline = NULL, stream_id = NULL, updated_at = clock_timestamp()
+             FROM old
+             WHERE t.job_id = old.job_id AND t.idx = old.idx
+             RETURNING t.job_id, t.idx, t.status, old.old_stream_id",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut reaped = Vec::with_capacity(rows.len());
+        let mut failed: BTreeMap<Uuid, i32> = BTreeMap::new();
+        for r in &rows {
+            let job: Uuid = r.try_get("job_id")?;
+            let status: String = r.try_get("status")?;
+            let status =
+                TaskStatus::from_str(&status).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if status == TaskStatus::Failed {
+                *failed.entry(job).or_default() += 1;
+            }
+            reaped.push(Reaped {
+                task: TaskRef {
+                    job: JobId(job),
+                    index: r.try_get::<i32, _>("idx")? as u32,
+                },
+                status,
+                stream_id: r.try_get("old_stream_id")?,
+            });
+        }
+        for (job, n) in failed {
+            bump_job(&mut tx, job, 0, n).await?;
+        }
+        tx.commit().await?;
+        Ok(reaped)
+    }
+
+    pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
+        let rows = sqlx::query(
+            "SELECT id, hostname, device, concurrency, running, models, tasks_done, tasks_failed,
+                    last_seen, last_seen > now() - make_interval(secs => $1) AS online
+             FROM workers ORDER BY id",
+        )
+        .bind(WORKER_ONLINE_SECS as f64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(WorkerRow {
+                    info: WorkerInfo {
+                        worker: farm_core::WorkerId(r.try_get("id")?),
+                        hostname: r.try_get("hostname")?,
+                        device: r.try_get("device")?,
+                        concurrency: r.try_get::<i32, _>("concurrency")? as u32,
+                        models: r.try_get("models")?,
+                        running: Vec::new(),
+                        tasks_done: r.try_get::<i64, _>("tasks_done")? as u64,
+                        tasks_failed: r.try_get::<i64, _>("tasks_failed")? as u64,
+                    },
+                    running: r.try_get::<i32, _>("running")? as u32,
+                    last_seen: r.try_get("last_seen")?,
+                    online: r.try_get("online")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn task_counts(&self) -> Result<TaskCounts> {
+        let rows = sqlx::query("SELECT status, count(*) AS n FROM tasks GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut c = TaskCounts::default();
+        for r in &rows {
+            let n = r.try_get::<i64, _>("n")? as u64;
+            match r.try_get::<String, _>("status")?.as_str() {
+                "pending" => c.pending = n,
+                "queued" => c.queued = n,
+                "running" => c.running = n,
+                "succeeded" => c.succeeded = n,
+                "failed" => c.failed = n,
+                "cancelled" => c.cancelled = n,
+                _ => {}
+            }
+        }
+        c.oldest_pending =
+            sqlx::query_scalar("SELECT min(created_at) FROM tasks WHERE status = 'pending'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(c)
+    }
+}
+
+async fn upsert_worker(tx: &mut Transaction<'_, Postgres>, info: &WorkerInfo) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO workers (id, hostname, device, concurrency, running, models, last_seen)
+         VALUES ($1, $2, $3, $4, $5, $6, now())
+         ON CONFLICT (id) DO UPDATE SET hostname = $2, device = $3, concurrency = $4,
+                running = $5, models = $6, last_seen = now()",
+    )
+    .bind(&info.worker.0)
+    .bind(&info.hostname)
+    .bind(&info.device)
+    .bind(info.concurrency as i32)
+    .bind(info.running.len() as i32)
+    .bind(&info.models)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn extend_leases(
+    tx: &mut Transaction<'_, Postgres>,
+    running: &[(TaskRef, Attempt)],
+    lease: Duration,
+) -> Result<()> {
+    if running.is_empty() {
+        return Ok(());
+    }
+    let jobs: Vec<Uuid> = running.iter().map(|(t, _)| t.job.0).collect();
+    let idx: Vec<i32> = running.iter().map(|(t, _)| t.index as i32).collect();
+    let attempts: Vec<i32> = running.iter().map(|(_, a)| a.0 as i32).collect();
+    sqlx::query(
+        "UPDATE tasks t SET lease_deadline = now() + make_interval(secs => $4)
+         FROM unnest($1::uuid[], $2::int[], $3::int[]) AS u(j, i, a)
+         WHERE t.job_id = u.j AND t.idx = u.i AND t.attempt = u.a
+           AND t.status IN ('queued', 'running')",
+    )
+    .bind(&jobs)
+    .bind(&idx)
+    .bind(&attempts)
+    .bind(secs(lease))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Adds finished-task counts to a job and settles its status: `running` once anything
+/// happened, then `succeeded` or `failed` when every task is terminal. A cancelled job stays
+/// cancelled.
+async fn bump_job(
+    tx: &mut Transaction<'_, Postgres>,
+    job: Uuid,
+    succeeded: i32,
+    failed: i32,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET
+            tasks_succeeded = tasks_succeeded + $2,
+            tasks_failed = tasks_failed + $3,
+            started_at = coalesce(started_at, now()),
+            status = CASE
+                WHEN status IN ('pending', 'running')
+                     AND tasks_succeeded + $2 + tasks_failed + $3 + tasks_cancelled >= tasks_total
+                    THEN CASE WHEN tasks_failed + $3 > 0 THEN 'failed' ELSE 'succeeded' END
+                WHEN status = 'pending' THEN 'running'
+                ELSE status END,
+            finished_at = CASE
+                WHEN status IN ('pending', 'running')
+                     AND tasks_succeeded + $2 + tasks_failed + $3 + tasks_cancelled >= tasks_total
+                    THEN now()
+                ELSE finished_at END
+         WHERE id = $1",
+    )
+    .bind(job)
+    .bind(succeeded)
+    .bind(failed)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+const JOB_COLUMNS: &str = "SELECT id, spec, status, tasks_total, tasks_succeeded, tasks_failed,
+        tasks_cancelled, created_at, finished_at FROM jobs";
+
+fn job_from_row(r: &sqlx::postgres::PgRow) -> Result<JobRow> {
+    let spec: serde_json::Value = r.try_get("spec")?;
+    let status: String = r.try_get("status")?;
+    Ok(JobRow {
+        id: JobId(r.try_get("id")?),
+        spec: serde_json::from_value(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        status: JobStatus::from_str(&status).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        tasks_total: r.try_get::<i32, _>("tasks_total")? as u32,
+        tasks_succeeded: r.try_get::<i32, _>("tasks_succeeded")? as u32,
+        tasks_failed: r.try_get::<i32, _>("tasks_failed")? as u32,
+        tasks_cancelled: r.try_get::<i32, _>("tasks_cancelled")? as u32,
+        created_at: r.try_get("created_at")?,
+        finished_at: r.try_get("finished_at")?,
+    })
+}
+
+const TASK_COLUMNS: &str = "SELECT idx, seed, prompt, status, attempt, worker, object_key, sha256,
+        size_bytes, error, started_at, finished_at, updated_at FROM tasks";
+
+fn task_from_row(r: &sqlx::postgres::PgRow) -> Result<TaskRow> {
+    let status: String = r.try_get("status")?;
+    Ok(TaskRow {
+        index: r.try_get::<i32, _>("idx")? as u32,
+        seed: seed_from_db(r.try_get("seed")?),
+        prompt: r.try_get("prompt")?,
+        status: TaskStatus::from_str(&status).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        attempt: r.try_get::<i32, _>("attempt")? as u32,
+        worker: r.try_get("worker")?,
+        object_key: r.try_get("object_key")?,
+        sha256: r.try_get("sha256")?,
+        size_bytes: r.try_get::<Option<i64>, _>("size_bytes")?.map(|n| n as u64),
+        error: r.try_get("error")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}

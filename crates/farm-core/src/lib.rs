@@ -1,0 +1,13 @@
+//! The farm's vocabulary: ids, states, the job spec and its ONE validation, seed expansion and
+//! the storage key layout. Pure data and pure functions: this crate does no IO.
+
+mod ids;
+mod spec;
+mod status;
+
+pub use ids::{Attempt, JobId, TaskRef, WorkerId};
+pub use spec::{
+    object_key, validate, InvalidField, JobRequest, JobSpec, Mode, SchedulerName, SeedSource,
+    TaskSpec, LIMITS,
+};
+pub use status::{JobStatus, TaskStatus, UnknownStatus};

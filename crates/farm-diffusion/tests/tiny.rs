@@ -1,0 +1,210 @@
+//! End-to-end tests on the tiny random-weight model written by `init_tiny`.
+use std::path::Path;
+use std::sync::OnceLock;
+
+use farm_diffusion::tokenizer::Tokenizer;
+use farm_diffusion::{
+    init_tiny, DType, Device, DiffusionError, RgbImage, SchedulerKind, StableDiffusion, Txt2Img,
+};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    model: StableDiffusion,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init_tiny(dir.path(), 7).expect("init_tiny");
+        let model = StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32).expect("load");
+        Fixture { dir, model }
+    })
+}
+
+fn request(scheduler: SchedulerKind, seed: u64) -> Txt2Img {
+    Txt2Img {
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        negative_prompt: String::new(),
+        width: 64,
+        height: 64,
+        steps: 3,
+        guidance_scale: 7.5,
+        scheduler,
+        seed,
+    }
+}
+
+fn run(req: &Txt2Img) -> RgbImage {
+    fixture()
+        .model
+        .txt2img(req, &mut |_, _| true)
+        .expect("txt2img")
+}
+
+#[test]
+fn every_scheduler_is_deterministic_and_seed_dependent() {
+    for kind in SchedulerKind::ALL {
+        let a = run(&request(kind, 1));
+        assert_eq!((a.width, a.height), (64, 64), "{kind}");
+        assert_eq!(a.pixels.len(), 64 * 64 * 3, "{kind}");
+        let first = a.pixels[0];
+        assert!(
+            a.pixels.iter().any(|&p| p != first),
+            "{kind}: constant image"
+        );
+        let b = run(&request(kind, 1));
+        assert_eq!(a, b, "{kind}: same seed must give the same pixels");
+        let c = run(&request(kind, 2));
+        assert_ne!(a.pixels, c.pixels, "{kind}: another seed must differ");
+    }
+}
+
+#[test]
+fn progress_and_no_guidance() {
+    let mut calls = Vec::new();
+    let mut req = request(SchedulerKind::Ddim, 3);
+    req.guidance_scale = 1.0;
+    req.negative_prompt = "blurry".into();
+    let img = fixture()
+        .model
+        .txt2img(&req, &mut |done, total| {
+            calls.push((done, total));
+            true
+        })
+        .expect("txt2img");
+    assert_eq!(img.pixels.len(), 64 * 64 * 3);
+    assert_eq!(calls, vec![(1, 3), (2, 3), (3, 3)]);
+
+    // PNDM (PLMS) evaluates the UNet steps + 1 times.
+    let mut calls = 0;
+    let req = request(SchedulerKind::Pndm, 3);
+    fixture()
+        .model
+        .txt2img(&req, &mut |_, total| {
+            calls += 1;
+            assert_eq!(total, 4);
+            true
+        })
+        .expect("txt2img");
+    assert_eq!(calls, 4);
+}
+
+#[test]
+fn cancel_stops_after_the_first_step() {
+    let mut calls = 0;
+    let res = fixture()
+        .model
+        .txt2img(&request(SchedulerKind::EulerAncestral, 1), &mut |_, _| {
+            calls += 1;
+            false
+        });
+    assert!(matches!(res, Err(DiffusionError::Cancelled)), "{res:?}");
+    assert_eq!(calls, 1);
+}
+
+#[test]
+fn invalid_requests() {
+    let mut req = request(SchedulerKind::Pndm, 1);
+    req.width = 65;
+    match fixture().model.txt2img(&req, &mut |_, _| true) {
+        Err(DiffusionError::InvalidInput(m)) => assert!(m.contains("width"), "{m}"),
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+    let mut req = request(SchedulerKind::Pndm, 1);
+    req.steps = 0;
+    assert!(matches!(
+        fixture().model.txt2img(&req, &mut |_, _| true),
+        Err(DiffusionError::InvalidInput(_))
+    ));
+}
+
+#[test]
+fn saved_tokenizer_matches_clip() {
+    let tok = Tokenizer::load(&fixture().dir.path().join("tokenizer")).expect("tokenizer");
+    let ids = tok.encode("a photograph of an astronaut riding a horse");
+    assert_eq!(
+        &ids[..10],
+        &[49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
+    );
+    assert!(ids[10..].iter().all(|&i| i == 49407));
+    assert_eq!(tok.encode("").len(), 77);
+}
+
+fn copy(from: &Path, to: &Path, file: &str) {
+    let dst = to.join(file);
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent).expect("mkdir");
+    }
+    std::fs::copy(from.join(file), dst).expect("copy");
+}
+
+#[test]
+fn missing_or_malformed_config_names_the_file_and_key() {
+    let src = fixture().dir.path();
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy(src, dir.path(), "model_index.json");
+    match StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32) {
+        Err(DiffusionError::Model { path, .. }) => {
+            assert!(path.ends_with("unet/config.json"), "{path}")
+        }
+        Err(e) => panic!("expected a Model error, got {e}"),
+        Ok(_) => panic!("expected a Model error"),
+    }
+
+    let text = std::fs::read_to_string(src.join("unet/config.json")).expect("read");
+    let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    v["block_out_channels"] = serde_json::json!("wide");
+    std::fs::create_dir_all(dir.path().join("unet")).expect("mkdir");
+    std::fs::write(dir.path().join("unet/config.json"), v.to_string()).expect("write");
+    match StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32) {
+        Err(DiffusionError::Model { path, message }) => {
+            assert!(path.ends_with("unet/config.json"), "{path}");
+            assert!(message.contains("block_out_channels"), "{message}");
+        }
+        Err(e) => panic!("expected a Model error, got {e}"),
+        Ok(_) => panic!("expected a Model error"),
+    }
+
+    // All configs present but a weights file missing.
+    for f in [
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+    ] {
+        copy(src, dir.path(), f);
+    }
+    match StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32) {
+        Err(DiffusionError::Model { path, .. }) => {
+            assert!(
+                path.ends_with("vae/diffusion_pytorch_model.safetensors"),
+                "{path}"
+            )
+        }
+        Err(e) => panic!("expected a Model error, got {e}"),
+        Ok(_) => panic!("expected a Model error"),
+    }
+}
+
+#[test]
+fn init_tiny_is_deterministic() {
+    let a = tempfile::tempdir().expect("tempdir");
+    init_tiny(a.path(), 7).expect("init_tiny");
+    for f in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
+        let x = std::fs::read(a.path().join(f)).expect("read");
+        let y = std::fs::read(fixture().dir.path().join(f)).expect("read");
+        assert!(
+            x == y,
+            "{f} differs between two init_tiny runs with the same seed"
+        );
+    }
+}

@@ -1,0 +1,525 @@
+//! The Redis Streams protocol that the coordinator and the workers speak.
+//!
+//! Keys (all under one prefix, `farm` by default, so tests and farms can share a server):
+//! - `{prefix}:tasks`: the dispatch stream. The coordinator `XADD`s one [`TaskSpec`] per
+//!   attempt; workers read it in the consumer group `workers` and `XACK` when done.
+//! - `{prefix}:events`: the event stream. Workers `XADD` [`Event`]s; coordinators read it in the
+//!   consumer group `coordinators` and `XACK` after the event is applied in Postgres.
+//! - `{prefix}:dead`: messages no one could decode, kept for a human.
+//! - `{prefix}:cancel:{job}`: present while a job is cancelled; workers check it between steps.
+//!
+//! Every message is one field `m` holding JSON. Redis is a conveyor, not a store: losing
+//! everything here loses no work, because Postgres leases bring every task back.
+
+use std::time::Duration;
+
+use farm_core::{Attempt, JobId, TaskRef, TaskSpec, WorkerId};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use redis::{AsyncCommands, Value};
+use serde::{Deserialize, Serialize};
+
+pub const WORKERS_GROUP: &str = "workers";
+pub const COORDINATORS_GROUP: &str = "coordinators";
+const FIELD: &str = "m";
+/// How long a cancel mark lives: longer than any task should run.
+const CANCEL_TTL_SECS: u64 = 24 * 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis {url}: {source}")]
+    Redis {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("cannot encode message: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// A message that could not be decoded; it goes to the dead-letter stream.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("undecodable message {id}: {reason}")]
+pub struct DecodeError {
+    pub id: String,
+    pub reason: String,
+    pub raw: Vec<u8>,
+}
+
+/// How long each phase of a task took, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    pub load_ms: u64,
+    pub render_ms: u64,
+    pub upload_ms: u64,
+}
+
+/// What a worker says about itself every few seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub worker: WorkerId,
+    pub hostname: String,
+    pub device: String,
+    pub concurrency: u32,
+    pub models: Vec<String>,
+    /// The tasks it is rendering now; their leases are extended.
+    pub running: Vec<(TaskRef, Attempt)>,
+    pub tasks_done: u64,
+    pub tasks_failed: u64,
+}
+
+/// Worker → coordinator. Every task event names its attempt (fencing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Started {
+        task: TaskRef,
+        attempt: Attempt,
+        worker: WorkerId,
+    },
+    Progress {
+        task: TaskRef,
+        attempt: Attempt,
+        worker: WorkerId,
+        step: u32,
+        total_steps: u32,
+    },
+    Succeeded {
+        task: TaskRef,
+        attempt: Attempt,
+        worker: WorkerId,
+        object_key: String,
+        sha256: String,
+        size_bytes: u64,
+        timings: Timings,
+    },
+    Failed {
+        task: TaskRef,
+        attempt: Attempt,
+        worker: WorkerId,
+        error: String,
+        /// False when trying again cannot help (e.g. the model does not exist).
+        retryable: bool,
+    },
+    Heartbeat(WorkerInfo),
+}
+
+/// One stream entry as delivered to a consumer.
+#[derive(Debug)]
+pub struct Delivery<T> {
+    pub id: String,
+    pub message: Result<T, DecodeError>,
+}
+
+/// The stream keys of one farm.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+    pub fn tasks(&self) -> String {
+        format!("{}:tasks", self.prefix)
+    }
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+    pub fn dead(&self) -> String {
+        format!("{}:dead", self.prefix)
+    }
+    pub fn cancel(&self, job: JobId) -> String {
+        format!("{}:cancel:{job}", self.prefix)
+    }
+}
+
+/// A connection to the farm's Redis, with a second connection for blocking reads (a blocking
+/// `XREADGROUP` would otherwise hold up every other command on a multiplexed connection).
+#[derive(Clone)]
+pub struct Queue {
+    url: String,
+    keys: Keys,
+    conn: ConnectionManager,
+    blocking: ConnectionManager,
+}
+
+impl Queue {
+    /// Connects (failing fast when Redis is down) and creates the consumer groups.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, QueueError> {
+        let err = |source| QueueError::Redis {
+            url: url.to_string(),
+            source,
+        };
+        let client = redis::Client::open(url).map_err(err)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(3)))
+            .set_number_of_retries(2)
+            .set_response_timeout(Some(Duration::from_secs(10)));
+        let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
+            .await
+            .map_err(err)?;
+        let blocking = ConnectionManager::new_with_config(
+            client,
+            config.set_response_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .map_err(err)?;
+        let queue = Queue {
+            url: url.to_string(),
+            keys: Keys::new(prefix),
+            conn,
+            blocking,
+        };
+        queue.ensure_groups().await?;
+        Ok(queue)
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn err(&self, source: redis::RedisError) -> QueueError {
+        QueueError::Redis {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    /// Creates both streams and their consumer groups if missing (after a Redis restart too).
+    pub async fn ensure_groups(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        for (stream, group) in [
+            (self.keys.tasks(), WORKERS_GROUP),
+            (self.keys.events(), COORDINATORS_GROUP),
+        ] {
+            let created: Result<(), _> = conn.xgroup_create_mkstream(&stream, group, "0").await;
+            match created {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands tasks to the workers: one `XADD` each, pipelined. Returns the stream ids.
+    pub async fn dispatch(&self, tasks: &[TaskSpec]) -> Result<Vec<String>, QueueError> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for task in tasks {
+            let payload = serde_json::to_vec(task)?;
+            pipe.xadd(self.keys.tasks(), "*", &[(FIELD, payload)]);
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async(&mut conn).await.map_err(|e| self.err(e))
+    }
+
+    /// Reads up to `count` new tasks for `consumer`, waiting up to `block` for the first.
+    pub async fn read_tasks(
+        &self,
+        consumer: &WorkerId,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Delivery<TaskSpec>>, QueueError> {
+        self.read_group(
+            &self.keys.tasks(),
+            WORKERS_GROUP,
+            &consumer.0,
+            ">",
+            count,
+            block,
+        )
+        .await
+    }
+
+    /// Reads up to `count` events for coordinator `consumer`. `pending` re-reads the entries
+    /// this consumer was handed before but never acknowledged (after a restart).
+    pub async fn read_events(
+        &self,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+        pending: bool,
+    ) -> Result<Vec<Delivery<Event>>, QueueError> {
+        let from = if pending { "0" } else { ">" };
+        self.read_group(
+            &self.keys.events(),
+            COORDINATORS_GROUP,
+            consumer,
+            from,
+            count,
+            block,
+        )
+        .await
+    }
+
+    async fn read_group<T: for<'de> Deserialize<'de>>(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        from: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Delivery<T>>, QueueError> {
+        let mut opts = StreamReadOptions::default()
+            .group(group, consumer)
+            .count(count);
+        if from == ">" && !block.is_zero() {
+            opts = opts.block(block.as_millis() as usize);
+        }
+        let mut conn = self.blocking.clone();
+        let reply: Result<Option<StreamReadReply>, _> =
+            conn.xread_options(&[stream], &[from], &opts).await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) if e.code() == Some("NOGROUP") => {
+                // Redis lost its data (restart without persistence): recreate and carry on.
+                tracing::warn!(stream, "consumer group missing; recreating it");
+                self.ensure_groups().await?;
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                let message = decode(&entry.id, entry.map.get(FIELD));
+                out.push(Delivery {
+                    id: entry.id,
+                    message,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn ack_tasks(&self, ids: &[String]) -> Result<(), QueueError> {
+        self.ack(&self.keys.tasks(), WORKERS_GROUP, ids).await
+    }
+
+    pub async fn ack_events(&self, ids: &[String]) -> Result<(), QueueError> {
+        self.ack(&self.keys.events(), COORDINATORS_GROUP, ids).await
+    }
+
+    async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<(), QueueError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.xack(stream, group, ids)
+            .ignore()
+            .xdel(stream, ids)
+            .ignore();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Removes dispatch messages of attempts that were superseded (their lease expired), so no
+    /// worker starts them late. A worker that already has one is fenced by its attempt.
+    pub async fn retract_tasks(&self, ids: &[String]) -> Result<(), QueueError> {
+        self.ack_tasks(ids).await
+    }
+
+    /// Moves an undecodable message to the dead-letter stream and acknowledges it.
+    pub async fn dead_letter(
+        &self,
+        stream_is_tasks: bool,
+        bad: &DecodeError,
+    ) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let source = if stream_is_tasks {
+            self.keys.tasks()
+        } else {
+            self.keys.events()
+        };
+        let _: String = conn
+            .xadd(
+                self.keys.dead(),
+                "*",
+                &[
+                    ("source", source.as_bytes().to_vec()),
+                    ("id", bad.id.as_bytes().to_vec()),
+                    ("reason", bad.reason.as_bytes().to_vec()),
+                    ("raw", bad.raw.clone()),
+                ],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        let ids = [bad.id.clone()];
+        if stream_is_tasks {
+            self.ack_tasks(&ids).await
+        } else {
+            self.ack_events(&ids).await
+        }
+    }
+
+    pub async fn publish(&self, event: &Event) -> Result<(), QueueError> {
+        let payload = serde_json::to_vec(event)?;
+        let mut conn = self.conn.clone();
+        let _: String = conn
+            .xadd(self.keys.events(), "*", &[(FIELD, payload)])
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub async fn mark_cancelled(&self, job: JobId) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        conn.set_ex::<_, _, ()>(self.keys.cancel(job), 1, CANCEL_TTL_SECS)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    pub async fn is_cancelled(&self, job: JobId) -> Result<bool, QueueError> {
+        let mut conn = self.conn.clone();
+        conn.exists(self.keys.cancel(job))
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Entries in the dispatch stream (handed out or not yet read).
+    pub async fn tasks_stream_len(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        conn.xlen(self.keys.tasks()).await.map_err(|e| self.err(e))
+    }
+
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(id: &str, value: Option<&Value>) -> Result<T, DecodeError> {
+    let bad = |reason: String, raw: Vec<u8>| DecodeError {
+        id: id.to_string(),
+        reason,
+        raw,
+    };
+    let raw = match value {
+        Some(Value::BulkString(bytes)) => bytes.clone(),
+        Some(Value::SimpleString(s)) => s.clone().into_bytes(),
+        Some(other) => return Err(bad(format!("field {FIELD} is {other:?}"), Vec::new())),
+        None => return Err(bad(format!("no field {FIELD}"), Vec::new())),
+    };
+    serde_json::from_slice(&raw).map_err(|e| bad(e.to_string(), raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use farm_core::{Mode, SchedulerName};
+
+    fn redis_url() -> String {
+        std::env::var("FARM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    fn spec(index: u32) -> TaskSpec {
+        let job = JobId::new();
+        TaskSpec {
+            task: TaskRef { job, index },
+            attempt: Attempt(1),
+            mode: Mode::Txt2Img,
+            model: "tiny".into(),
+            prompt: "p".into(),
+            negative_prompt: String::new(),
+            seed: 7,
+            width: 64,
+            height: 64,
+            steps: 2,
+            guidance_scale: 7.5,
+            scheduler: SchedulerName::Pndm,
+            object_key: farm_core::object_key("t", job, index, 7),
+        }
+    }
+
+    #[tokio::test]
+    async fn tasks_and_events_round_trip_and_garbage_is_dead_lettered() {
+        let prefix = format!("test-queue-{}", uuid::Uuid::new_v4());
+        let queue = Queue::connect(&redis_url(), &prefix).await.expect("redis");
+        let worker = WorkerId("w1".into());
+        let sent = vec![spec(0), spec(1)];
+        queue.dispatch(&sent).await.expect("dispatch");
+
+        // Garbage in the dispatch stream must not stop the reader.
+        let mut conn = queue.conn.clone();
+        let _: String = conn
+            .xadd(queue.keys.tasks(), "*", &[(FIELD, b"{not json".to_vec())])
+            .await
+            .expect("xadd");
+
+        let got = queue
+            .read_tasks(&worker, 10, Duration::from_millis(100))
+            .await
+            .expect("read");
+        assert_eq!(got.len(), 3);
+        let decoded: Vec<_> = got
+            .iter()
+            .filter_map(|d| d.message.as_ref().ok())
+            .cloned()
+            .collect();
+        assert_eq!(decoded, sent);
+        let bad = got[2].message.as_ref().expect_err("garbage");
+        queue.dead_letter(true, bad).await.expect("dead letter");
+        let dead: u64 = conn.xlen(queue.keys.dead()).await.expect("xlen");
+        assert_eq!(dead, 1);
+
+        let event = Event::Started {
+            task: sent[0].task,
+            attempt: Attempt(1),
+            worker: worker.clone(),
+        };
+        queue.publish(&event).await.expect("publish");
+        let events = queue
+            .read_events("c1", 10, Duration::from_millis(100), false)
+            .await
+            .expect("events");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].message.as_ref().ok(), Some(&event));
+        // Unacknowledged events come back to the same consumer after a restart.
+        let again = queue
+            .read_events("c1", 10, Duration::ZERO, true)
+            .await
+            .expect("pending");
+        assert_eq!(again.len(), 1);
+        queue.ack_events(&[again[0].id.clone()]).await.expect("ack");
+        let none = queue
+            .read_events("c1", 10, Duration::ZERO, true)
+            .await
+            .expect("pending");
+        assert!(none.is_empty());
+
+        assert!(!queue.is_cancelled(sent[0].task.job).await.expect("exists"));
+        queue
+            .mark_cancelled(sent[0].task.job)
+            .await
+            .expect("cancel");
+        assert!(queue.is_cancelled(sent[0].task.job).await.expect("exists"));
+
+        let _: () = conn
+            .del(&[
+                queue.keys.tasks(),
+                queue.keys.events(),
+                queue.keys.dead(),
+                queue.keys.cancel(sent[0].task.job),
+            ])
+            .await
+            .expect("cleanup");
+    }
+}

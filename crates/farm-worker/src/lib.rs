@@ -1,0 +1,414 @@
+//! A worker: reads tasks from the dispatch stream, renders them with farm-diffusion, uploads
+//! the PNG and reports events. It needs only Redis and the object store: no database
+//! credentials live on GPU nodes.
+
+mod models;
+pub mod png;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use farm_core::{Attempt, TaskRef, TaskSpec, WorkerId};
+use farm_diffusion::{DiffusionError, Txt2Img};
+use farm_queue::{Delivery, Event, Queue, Timings, WorkerInfo};
+use farm_storage::Storage;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use models::{ModelCache, ModelError};
+
+const HEARTBEAT: Duration = Duration::from_secs(3);
+const CANCEL_POLL: Duration = Duration::from_millis(500);
+/// At most this many progress events per second per task.
+const PROGRESS_PER_SEC: u32 = 4;
+const UPLOAD_TRIES: u32 = 5;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub redis_url: String,
+    pub redis_prefix: String,
+    pub storage: String,
+    pub models_root: PathBuf,
+    pub concurrency: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    pub id: WorkerId,
+}
+
+impl WorkerConfig {
+    pub fn new(redis_url: &str, storage: &str, models_root: PathBuf) -> Self {
+        WorkerConfig {
+            redis_url: redis_url.to_string(),
+            redis_prefix: "farm".into(),
+            storage: storage.to_string(),
+            models_root,
+            concurrency: 1,
+            device: "cpu".into(),
+            id: default_worker_id(),
+        }
+    }
+}
+
+/// `hostname-pid-xxxx`: unique per process, readable in the dashboard.
+pub fn default_worker_id() -> WorkerId {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..4];
+    WorkerId(format!("{host}-{}-{suffix}", std::process::id()))
+}
+
+struct Worker {
+    config: WorkerConfig,
+    queue: Queue,
+    storage: Storage,
+    models: ModelCache,
+    running: Mutex<HashMap<TaskRef, Attempt>>,
+    done: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Runs a worker until `shutdown` is cancelled, then lets the tasks in hand finish.
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    anyhow::ensure!(config.concurrency >= 1, "--concurrency must be at least 1");
+    let device = farm_diffusion::parse_device(&config.device)
+        .with_context(|| format!("--device {}", config.device))?;
+    let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach Redis at {}; start it (e.g. `redis-server --daemonize yes --port 6379`) or set FARM_REDIS_URL",
+                config.redis_url
+            )
+        })?;
+    let storage =
+        Storage::open(&config.storage).context("cannot open storage; set FARM_STORAGE")?;
+    storage
+        .check()
+        .await
+        .with_context(|| format!("cannot reach storage {}", config.storage))?;
+    let worker = Arc::new(Worker {
+        models: ModelCache::new(config.models_root.clone(), device),
+        config,
+        queue,
+        storage,
+        running: Mutex::new(HashMap::new()),
+        done: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+    });
+    tracing::info!(worker = %worker.config.id, concurrency = worker.config.concurrency, device = %worker.config.device, "worker started");
+
+    let heartbeat = tokio::spawn(heartbeats(worker.clone(), shutdown.clone()));
+    let slots = Arc::new(Semaphore::new(worker.config.concurrency));
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => p.context("slot semaphore closed")?,
+        };
+        let read = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = worker.queue.read_tasks(&worker.config.id, 1, Duration::from_secs(2)) => r,
+        };
+        let deliveries = match read {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading tasks failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let Some(delivery) = deliveries.into_iter().next() else {
+            continue;
+        };
+        let worker = worker.clone();
+        in_flight.spawn(async move {
+            handle(&worker, delivery).await;
+            drop(permit);
+        });
+        while in_flight.try_join_next().is_some() {}
+    }
+    tracing::info!(
+        in_flight = in_flight.len(),
+        "worker stopping; finishing tasks in hand"
+    );
+    while in_flight.join_next().await.is_some() {}
+    heartbeat.abort();
+    Ok(())
+}
+
+async fn heartbeats(worker: Arc<Worker>, shutdown: CancellationToken) {
+    loop {
+        let info = WorkerInfo {
+            worker: worker.config.id.clone(),
+            hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            device: worker.config.device.clone(),
+            concurrency: worker.config.concurrency as u32,
+            models: worker.models.loaded(),
+            running: worker
+                .running
+                .lock()
+                .map(|r| r.iter().map(|(t, a)| (*t, *a)).collect())
+                .unwrap_or_default(),
+            tasks_done: worker.done.load(Ordering::Relaxed),
+            tasks_failed: worker.failed.load(Ordering::Relaxed),
+        };
+        if let Err(e) = worker.queue.publish(&Event::Heartbeat(info)).await {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+    }
+}
+
+/// Why a task did not succeed.
+#[derive(Debug, thiserror::Error)]
+enum TaskError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("render: {0}")]
+    Render(DiffusionError),
+    #[error("encode: {0}")]
+    Encode(String),
+    #[error("upload: {0}")]
+    Upload(#[from] farm_storage::StorageError),
+    #[error("render thread: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl TaskError {
+    fn retryable(&self) -> bool {
+        match self {
+            TaskError::Model(e) => e.retryable(),
+            TaskError::Render(DiffusionError::InvalidInput(_)) => false,
+            _ => true,
+        }
+    }
+}
+
+async fn handle(worker: &Arc<Worker>, delivery: Delivery<TaskSpec>) {
+    let spec = match delivery.message {
+        Ok(spec) => spec,
+        Err(bad) => {
+            tracing::warn!(id = %bad.id, reason = %bad.reason, "malformed task dead-lettered");
+            if let Err(e) = worker.queue.dead_letter(true, &bad).await {
+                tracing::warn!(error = %e, "dead-lettering failed");
+            }
+            return;
+        }
+    };
+    let span = tracing::info_span!("task", job = %spec.task.job, index = spec.task.index, attempt = %spec.attempt, seed = spec.seed);
+    async {
+        let id = worker.config.id.clone();
+        let (task, attempt) = (spec.task, spec.attempt);
+        match worker.queue.is_cancelled(task.job).await {
+            Ok(true) => {
+                tracing::info!("job cancelled before start; skipping");
+                ack(worker, &delivery.id).await;
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot check cancellation"),
+        }
+        publish(
+            worker,
+            &Event::Started {
+                task,
+                attempt,
+                worker: id.clone(),
+            },
+        )
+        .await;
+        if let Ok(mut running) = worker.running.lock() {
+            running.insert(task, attempt);
+        }
+        let outcome = execute(worker, &spec).await;
+        if let Ok(mut running) = worker.running.lock() {
+            running.remove(&task);
+        }
+        let event = match outcome {
+            Ok((object_key, sha256, size_bytes, timings)) => {
+                worker.done.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(key = %object_key, render_ms = timings.render_ms, "task succeeded");
+                Event::Succeeded {
+                    task,
+                    attempt,
+                    worker: id,
+                    object_key,
+                    sha256,
+                    size_bytes,
+                    timings,
+                }
+            }
+            Err(TaskError::Cancelled) => {
+                tracing::info!("task cancelled");
+                ack(worker, &delivery.id).await;
+                return;
+            }
+            Err(e) => {
+                worker.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, retryable = e.retryable(), "task failed");
+                Event::Failed {
+                    task,
+                    attempt,
+                    worker: id,
+                    error: e.to_string(),
+                    retryable: e.retryable(),
+                }
+            }
+        };
+        if publish(worker, &event).await {
+            ack(worker, &delivery.id).await;
+        }
+        // If the result could not be published, the message stays unacknowledged and the
+        // task's lease brings it back.
+    }
+    .instrument(span)
+    .await
+}
+
+async fn publish(worker: &Worker, event: &Event) -> bool {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=5 {
+        match worker.queue.publish(event).await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "publishing event failed");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    false
+}
+
+async fn ack(worker: &Worker, id: &str) {
+    if let Err(e) = worker.queue.ack_tasks(&[id.to_string()]).await {
+        tracing::warn!(error = %e, "ack failed");
+    }
+}
+
+async fn execute(
+    worker: &Arc<Worker>,
+    spec: &TaskSpec,
+) -> Result<(String, String, u64, Timings), TaskError> {
+    let started = Instant::now();
+    let model = worker.models.get(&spec.model).await?;
+    let load_ms = started.elapsed().as_millis() as u64;
+
+    // Cancellation: a poller flips a flag that the render loop reads between steps.
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let stop_polling = CancellationToken::new();
+    let poller = {
+        let (queue, flag, stop, job) = (
+            worker.queue.clone(),
+            cancelled.clone(),
+            stop_polling.clone(),
+            spec.task.job,
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(CANCEL_POLL) => {}
+                }
+                if let Ok(true) = queue.is_cancelled(job).await {
+                    flag.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        })
+    };
+    // Progress: the render thread sends every step; this task forwards them throttled.
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
+    let forwarder = {
+        let (worker, task, attempt) = (worker.clone(), spec.task, spec.attempt);
+        tokio::spawn(async move {
+            let min_gap = Duration::from_secs(1) / PROGRESS_PER_SEC;
+            let mut last: Option<Instant> = None;
+            while let Some((step, total)) = progress_rx.recv().await {
+                let due = last.is_none_or(|t| t.elapsed() >= min_gap) || step == total;
+                if !due {
+                    continue;
+                }
+                last = Some(Instant::now());
+                let event = Event::Progress {
+                    task,
+                    attempt,
+                    worker: worker.config.id.clone(),
+                    step: step as u32,
+                    total_steps: total as u32,
+                };
+                if let Err(e) = worker.queue.publish(&event).await {
+                    tracing::debug!(error = %e, "progress event dropped");
+                }
+            }
+        })
+    };
+
+    let request = Txt2Img {
+        prompt: spec.prompt.clone(),
+        negative_prompt: spec.negative_prompt.clone(),
+        width: spec.width as usize,
+        height: spec.height as usize,
+        steps: spec.steps as usize,
+        guidance_scale: spec.guidance_scale,
+        scheduler: models::scheduler(spec.scheduler),
+        seed: spec.seed,
+    };
+    let render_started = Instant::now();
+    let flag = cancelled.clone();
+    let rendered = tokio::task::spawn_blocking(move || {
+        let mut on_step = |step: usize, total: usize| {
+            let _ = progress_tx.send((step, total));
+            !flag.load(Ordering::Relaxed)
+        };
+        model.txt2img(&request, &mut on_step)
+    })
+    .await;
+    stop_polling.cancel();
+    let _ = poller.await;
+    let _ = forwarder.await;
+    let image = match rendered? {
+        Ok(image) => image,
+        Err(DiffusionError::Cancelled) => return Err(TaskError::Cancelled),
+        Err(e) => return Err(TaskError::Render(e)),
+    };
+    let render_ms = render_started.elapsed().as_millis() as u64;
+
+    let png = png::encode(&image, &png::Parameters::of(spec))
+        .map_err(|e| TaskError::Encode(e.to_string()))?;
+    let sha256 = hex::encode(Sha256::digest(&png));
+    let size = png.len() as u64;
+    let upload_started = Instant::now();
+    worker
+        .storage
+        .put_with_retry(&spec.object_key, Bytes::from(png), UPLOAD_TRIES)
+        .await?;
+    let upload_ms = upload_started.elapsed().as_millis() as u64;
+    Ok((
+        spec.object_key.clone(),
+        sha256,
+        size,
+        Timings {
+            load_ms,
+            render_ms,
+            upload_ms,
+        },
+    ))
+}

@@ -1,0 +1,115 @@
+//! The worker's model cache: each model folder is loaded once and shared by every slot.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use farm_core::SchedulerName;
+use farm_diffusion::{DType, Device, SchedulerKind, StableDiffusion};
+use tokio::sync::OnceCell;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ModelError {
+    #[error("model {name:?} not found: no folder {path} (a model's name is its folder name under FARM_MODELS)")]
+    NotFound { name: String, path: String },
+    #[error("model {name:?} failed to load: {message}")]
+    Load { name: String, message: String },
+}
+
+impl ModelError {
+    /// A model that is not there will not appear on a retry of this worker; but another
+    /// worker may have it, so only a missing folder is final here.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, ModelError::NotFound { .. })
+    }
+}
+
+type Slot = Arc<OnceCell<Arc<StableDiffusion>>>;
+
+pub struct ModelCache {
+    root: PathBuf,
+    device: Device,
+    models: Mutex<HashMap<String, Slot>>,
+}
+
+impl ModelCache {
+    pub fn new(root: PathBuf, device: Device) -> Self {
+        ModelCache {
+            root,
+            device,
+            models: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Names of the models loaded now.
+    pub fn loaded(&self) -> Vec<String> {
+        let Ok(models) = self.models.lock() else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = models
+            .iter()
+            .filter(|(_, slot)| slot.initialized())
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The loaded model `name`, loading it on first use (once, however many slots ask).
+    pub async fn get(&self, name: &str) -> Result<Arc<StableDiffusion>, ModelError> {
+        let slot: Slot = {
+            let mut models = self.models.lock().map_err(|_| ModelError::Load {
+                name: name.to_string(),
+                message: "model cache lock poisoned".into(),
+            })?;
+            models.entry(name.to_string()).or_default().clone()
+        };
+        let dir = self.root.join(name);
+        let device = self.device.clone();
+        slot.get_or_try_init(|| async move {
+            if !dir.join("model_index.json").is_file() && !dir.join("unet").is_dir() {
+                return Err(ModelError::NotFound {
+                    name: name.to_string(),
+                    path: dir.display().to_string(),
+                });
+            }
+            let span = tracing::info_span!("load_model", model = name);
+            let started = std::time::Instant::now();
+            let dtype = if device.is_cuda() {
+                DType::F16
+            } else {
+                DType::F32
+            };
+            let loaded = tokio::task::spawn_blocking(move || {
+                let _enter = span.enter();
+                StableDiffusion::load(&dir, &device, dtype)
+            })
+            .await
+            .map_err(|e| ModelError::Load {
+                name: name.to_string(),
+                message: e.to_string(),
+            })?
+            .map_err(|e| ModelError::Load {
+                name: name.to_string(),
+                message: e.to_string(),
+            })?;
+            tracing::info!(
+                model = name,
+                ms = started.elapsed().as_millis() as u64,
+                "model loaded"
+            );
+            Ok(Arc::new(loaded))
+        })
+        .await
+        .cloned()
+    }
+}
+
+pub(crate) fn scheduler(name: SchedulerName) -> SchedulerKind {
+    match name {
+        SchedulerName::Pndm => SchedulerKind::Pndm,
+        SchedulerName::Ddim => SchedulerKind::Ddim,
+        SchedulerName::DpmPlusPlus => SchedulerKind::DpmSolverMultistep,
+        SchedulerName::EulerAncestral => SchedulerKind::EulerAncestral,
+    }
+}

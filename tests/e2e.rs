@@ -1,0 +1,454 @@
+//! End to end: a real coordinator and real worker processes (the `farm` binary) against the
+//! real Postgres, Redis and an S3 server (moto), rendering with the tiny model.
+//!
+//! Each test gets its own database, Redis key prefix, S3 server and bucket, so tests run in
+//! parallel. Needs: Postgres on 127.0.0.1:5432 (trust auth), Redis on 127.0.0.1:6379 and
+//! `moto_server` on PATH (`pip install 'moto[server]'`); `.ci/run` provides all three.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use farm_proto::v1 as pb;
+use farm_proto::v1::cluster_service_client::ClusterServiceClient;
+use farm_proto::v1::job_service_client::JobServiceClient;
+use object_store::aws::AmazonS3Builder;
+use object_store::ObjectStore;
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+
+const FARM: &str = env!("CARGO_BIN_EXE_farm");
+const BUCKET: &str = "farm-e2e";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not open port {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One S3 server (moto) with one bucket.
+struct S3 {
+    port: u16,
+    _proc: Proc,
+}
+
+impl S3 {
+    fn start() -> S3 {
+        let port = free_port();
+        let server = std::env::var("FARM_TEST_S3_SERVER").unwrap_or_else(|_| "moto_server".into());
+        let child = Command::new(&server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {server} (pip install 'moto[server]'): {e}"));
+        let s3 = S3 { port, _proc: Proc(child) };
+        wait_for_port(port, "moto_server");
+        // Create the bucket: a plain PUT, which moto accepts unsigned.
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect to S3");
+        write!(
+            conn,
+            "PUT /{BUCKET} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("create bucket");
+        let mut reply = String::new();
+        let _ = conn.read_to_string(&mut reply);
+        assert!(reply.starts_with("HTTP/1.1 200"), "bucket creation failed: {reply}");
+        s3
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn store(&self) -> Arc<dyn ObjectStore> {
+        Arc::new(
+            AmazonS3Builder::new()
+                .with_endpoint(self.endpoint())
+                .with_bucket_name(BUCKET)
+                .with_access_key_id("test")
+                .with_secret_access_key("test")
+                .with_region("us-east-1")
+                .with_allow_http(true)
+                .build()
+                .expect("s3 client"),
+        )
+    }
+}
+
+/// A whole farm: its own database, Redis prefix, S3 server, models, coordinator and workers.
+struct Farm {
+    name: String,
+    models: tempfile::TempDir,
+    s3: S3,
+    grpc_port: u16,
+    http_port: u16,
+    coordinator: Option<Proc>,
+    workers: Vec<Proc>,
+}
+
+impl Farm {
+    fn new(workers: usize) -> Farm {
+        let name = format!("farm_e2e_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let models = tempfile::tempdir().expect("tempdir");
+        let mut farm = Farm {
+            name,
+            models,
+            s3: S3::start(),
+            grpc_port: free_port(),
+            http_port: free_port(),
+            coordinator: None,
+            workers: Vec::new(),
+        };
+        let out = farm.farm(&["model", "init-tiny", &farm.models.path().join("tiny").display().to_string()]);
+        assert!(out.status.success(), "init-tiny: {}", String::from_utf8_lossy(&out.stderr));
+        farm.start_coordinator();
+        for _ in 0..workers {
+            farm.start_worker();
+        }
+        farm
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(FARM);
+        cmd.env("FARM_DATABASE_URL", format!("postgres://postgres@127.0.0.1:5432/{}", self.name))
+            .env("FARM_REDIS_URL", "redis://127.0.0.1:6379")
+            .env("FARM_REDIS_PREFIX", &self.name)
+            .env("FARM_STORAGE", format!("s3://{BUCKET}"))
+            .env("FARM_MODELS", self.models.path())
+            .env("FARM_COORDINATOR", format!("http://127.0.0.1:{}", self.grpc_port))
+            .env("AWS_ENDPOINT_URL", self.s3.endpoint())
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("RUST_LOG", "warn");
+        cmd
+    }
+
+    fn farm(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("run farm")
+    }
+
+    fn start_coordinator(&mut self) {
+        let child = self
+            .command()
+            .args([
+                "coordinator",
+                "--grpc-addr",
+                &format!("127.0.0.1:{}", self.grpc_port),
+                "--http-addr",
+                &format!("127.0.0.1:{}", self.http_port),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start coordinator");
+        self.coordinator = Some(Proc(child));
+        wait_for_port(self.grpc_port, "coordinator");
+    }
+
+    fn kill_coordinator(&mut self) {
+        // Drop kills with SIGKILL: no graceful shutdown.
+        self.coordinator = None;
+    }
+
+    fn start_worker(&mut self) {
+        let child = self
+            .command()
+            .args(["worker", "--concurrency", "1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start worker");
+        self.workers.push(Proc(child));
+    }
+
+    async fn client(&self) -> JobServiceClient<Channel> {
+        let url = format!("http://127.0.0.1:{}", self.grpc_port);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match JobServiceClient::connect(url.clone()).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cannot connect to the coordinator: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        self.workers.clear();
+        self.coordinator = None;
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc"])
+            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn spec(prompts: &[&str], seeds: &[u64], steps: u32) -> pb::JobSpec {
+    pb::JobSpec {
+        mode: "txt2img".into(),
+        model: "tiny".into(),
+        prompts: prompts.iter().map(|p| p.to_string()).collect(),
+        negative_prompt: "blurry".into(),
+        seeds: seeds.to_vec(),
+        width: 64,
+        height: 64,
+        steps,
+        guidance_scale: Some(7.5),
+        scheduler: "pndm".into(),
+        ..Default::default()
+    }
+}
+
+async fn submit(client: &mut JobServiceClient<Channel>, spec: pb::JobSpec, key: &str) -> pb::SubmitJobResponse {
+    client
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec),
+            idempotency_key: key.into(),
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+}
+
+fn is_terminal(job: &pb::Job) -> bool {
+    matches!(
+        pb::JobStatus::try_from(job.status),
+        Ok(pb::JobStatus::Succeeded | pb::JobStatus::Failed | pb::JobStatus::Cancelled)
+    )
+}
+
+/// Polls until the job ends (reconnecting through coordinator restarts).
+async fn wait_done(farm: &Farm, id: &str, limit: Duration) -> pb::Job {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut client = farm.client().await;
+        if let Ok(job) = client
+            .get_job(pb::GetJobRequest {
+                job_id: id.into(),
+                include_tasks: true,
+            })
+            .await
+        {
+            let job = job.into_inner();
+            if is_terminal(&job) {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} did not finish in {limit:?}: {} of {} succeeded",
+                job.tasks_succeeded,
+                job.tasks_total
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn object(store: &dyn ObjectStore, key: &str) -> Vec<u8> {
+    let path = object_store::path::Path::parse(key).expect("key");
+    store
+        .get(&path)
+        .await
+        .expect("object exists")
+        .bytes()
+        .await
+        .expect("object bytes")
+        .to_vec()
+}
+
+const PROMPTS: [&str; 3] = [
+    "a photograph of an astronaut riding a horse",
+    "An avocado armchair",
+    "A white dog wearing sunglasses",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_job_flows_through_the_farm_into_s3() {
+    let farm = Farm::new(2);
+    let mut client = farm.client().await;
+    let store = farm.s3.store();
+
+    let submitted = submit(&mut client, spec(&PROMPTS, &[1, 2, 3, 4], 4), "").await;
+    assert!(submitted.created);
+    let id = submitted.job.expect("job").id;
+    let job = wait_done(&farm, &id, Duration::from_secs(300)).await;
+    assert_eq!(job.status, pb::JobStatus::Succeeded as i32, "{job:?}");
+    assert_eq!((job.tasks_total, job.tasks_succeeded), (12, 12));
+    assert_eq!(job.tasks.len(), 12);
+
+    for task in &job.tasks {
+        let (prompt, seed) = (PROMPTS[task.index as usize / 4], [1, 2, 3, 4][task.index as usize % 4]);
+        assert_eq!((task.prompt.as_str(), task.seed), (prompt, seed));
+        assert_eq!(task.object_key, format!("{}/jobs/{id}/{:06}-{seed}.png", farm.name, task.index));
+        let bytes = object(&*store, &task.object_key).await;
+        assert_eq!(hex::encode(Sha256::digest(&bytes)), task.sha256, "sha256 of task {}", task.index);
+        assert_eq!(bytes.len() as u64, task.size_bytes);
+        let img = image::load_from_memory(&bytes).expect("a PNG");
+        assert_eq!((img.width(), img.height()), (64, 64));
+        let params = farm_worker::png::read_parameters(&bytes).expect("parameters chunk");
+        assert_eq!((params.prompt.as_str(), params.seed, params.steps), (prompt, seed, 4));
+        assert_eq!(params.negative_prompt, "blurry");
+        assert!(task.attempts >= 1);
+    }
+    // The tiny model's images differ by seed.
+    assert_ne!(job.tasks[0].sha256, job.tasks[1].sha256);
+
+    // Same seed and prompt, another job: the same bytes.
+    let again = submit(&mut client, spec(&PROMPTS[..1], &[1], 4), "").await;
+    let again = wait_done(&farm, &again.job.expect("job").id, Duration::from_secs(120)).await;
+    assert_eq!(again.tasks[0].sha256, job.tasks[0].sha256);
+    assert_eq!(
+        object(&*store, &again.tasks[0].object_key).await,
+        object(&*store, &job.tasks[0].object_key).await
+    );
+
+    // A repeated idempotency key returns the same job.
+    let first = submit(&mut client, spec(&PROMPTS[..1], &[9], 2), "retry-me").await;
+    let second = submit(&mut client, spec(&PROMPTS[..1], &[9], 2), "retry-me").await;
+    assert!(first.created && !second.created);
+    assert_eq!(first.job.expect("job").id, second.job.expect("job").id);
+
+    // Width 65 is refused, naming the field, and nothing is written.
+    let before = client
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs
+        .len();
+    let mut bad = spec(&PROMPTS[..1], &[1], 2);
+    bad.width = 65;
+    let err = client
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(bad),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect_err("width 65 must be refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("width"), "{}", err.message());
+    let after = client
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs
+        .len();
+    assert_eq!(before, after);
+
+    // The CLI: the same refusal as a message and a non-zero exit...
+    let out = farm.farm(&["submit", "--prompt", "x", "--width", "65", "--seed", "1"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid argument") && stderr.contains("width"), "{stderr}");
+    // ...and a waited job as the documented JSON.
+    let out = farm.farm(&[
+        "submit", "--prompt", "an otter", "--seeds", "5,6", "--width", "64", "--height", "64", "--steps", "2", "--wait",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON job");
+    assert_eq!(json["status"], "succeeded");
+    assert_eq!(json["tasks_total"], 2);
+    assert_eq!(json["tasks"][1]["seed"], 6);
+    assert!(json["tasks"][0]["sha256"].as_str().is_some_and(|s| s.len() == 64));
+    let fetched = tempfile::tempdir().expect("tempdir");
+    let job_id = json["id"].as_str().expect("id");
+    let out = farm.farm(&["fetch", job_id, "--out", &fetched.path().display().to_string(), "--grid"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let grid = image::open(fetched.path().join("grid.png")).expect("grid");
+    assert_eq!((grid.width(), grid.height()), (128, 64));
+    assert!(file_exists(&fetched.path().join("000001-6.png")));
+
+    let workers = ClusterServiceClient::connect(format!("http://127.0.0.1:{}", farm.grpc_port))
+        .await
+        .expect("connect")
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .expect("workers")
+        .into_inner()
+        .workers;
+    assert_eq!(workers.iter().filter(|w| w.online).count(), 2);
+    assert_eq!(workers.iter().map(|w| w.tasks_done).sum::<u64>(), 12 + 1 + 1 + 2);
+}
+
+fn file_exists(p: &Path) -> bool {
+    PathBuf::from(p).is_file()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_survives_a_coordinator_restart() {
+    let mut farm = Farm::new(2);
+    let mut client = farm.client().await;
+    let seeds: Vec<u64> = (100..116).collect();
+    let id = submit(&mut client, spec(&PROMPTS[..1], &seeds, 8), "")
+        .await
+        .job
+        .expect("job")
+        .id;
+
+    // Let part of the job finish, then kill the coordinator hard.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let job = client
+            .get_job(pb::GetJobRequest {
+                job_id: id.clone(),
+                include_tasks: false,
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        if job.tasks_succeeded >= 2 {
+            assert!(job.tasks_succeeded < 16, "job finished before the restart; make it longer");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress before the restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    farm.kill_coordinator();
+    // Workers go on meanwhile; their events wait in Redis.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    farm.start_coordinator();
+
+    let job = wait_done(&farm, &id, Duration::from_secs(300)).await;
+    assert_eq!(job.status, pb::JobStatus::Succeeded as i32, "{job:?}");
+    assert_eq!(job.tasks_succeeded, 16);
+    let store = farm.s3.store();
+    for task in &job.tasks {
+        assert_eq!(task.status, pb::TaskStatus::Succeeded as i32);
+        // No lease expired during a short outage: every task ran exactly once.
+        assert_eq!(task.attempts, 1, "task {} ran {} times", task.index, task.attempts);
+        let bytes = object(&*store, &task.object_key).await;
+        assert_eq!(hex::encode(Sha256::digest(&bytes)), task.sha256);
+    }
+}
