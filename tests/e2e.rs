@@ -64,7 +64,10 @@ impl S3 {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {server} (pip install 'moto[server]'): {e}"));
-        let s3 = S3 { port, _proc: Proc(child) };
+        let s3 = S3 {
+            port,
+            _proc: Proc(child),
+        };
         wait_for_port(port, "moto_server");
         // Create the bucket: a plain PUT, which moto accepts unsigned.
         let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect to S3");
@@ -75,7 +78,10 @@ impl S3 {
         .expect("create bucket");
         let mut reply = String::new();
         let _ = conn.read_to_string(&mut reply);
-        assert!(reply.starts_with("HTTP/1.1 200"), "bucket creation failed: {reply}");
+        assert!(
+            reply.starts_with("HTTP/1.1 200"),
+            "bucket creation failed: {reply}"
+        );
         s3
     }
 
@@ -111,7 +117,10 @@ struct Farm {
 
 impl Farm {
     fn new(workers: usize) -> Farm {
-        let name = format!("farm_e2e_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let name = format!(
+            "farm_e2e_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let models = tempfile::tempdir().expect("tempdir");
         let mut farm = Farm {
             name,
@@ -122,8 +131,16 @@ impl Farm {
             coordinator: None,
             workers: Vec::new(),
         };
-        let out = farm.farm(&["model", "init-tiny", &farm.models.path().join("tiny").display().to_string()]);
-        assert!(out.status.success(), "init-tiny: {}", String::from_utf8_lossy(&out.stderr));
+        let out = farm.farm(&[
+            "model",
+            "init-tiny",
+            &farm.models.path().join("tiny").display().to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "init-tiny: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         farm.start_coordinator();
         for _ in 0..workers {
             farm.start_worker();
@@ -133,18 +150,24 @@ impl Farm {
 
     fn command(&self) -> Command {
         let mut cmd = Command::new(FARM);
-        cmd.env("FARM_DATABASE_URL", format!("postgres://postgres@127.0.0.1:5432/{}", self.name))
-            .env("FARM_REDIS_URL", "redis://127.0.0.1:6379")
-            .env("FARM_REDIS_PREFIX", &self.name)
-            .env("FARM_STORAGE", format!("s3://{BUCKET}"))
-            .env("FARM_MODELS", self.models.path())
-            .env("FARM_COORDINATOR", format!("http://127.0.0.1:{}", self.grpc_port))
-            .env("AWS_ENDPOINT_URL", self.s3.endpoint())
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ALLOW_HTTP", "true")
-            .env("RUST_LOG", "warn");
+        cmd.env(
+            "FARM_DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:5432/{}", self.name),
+        )
+        .env("FARM_REDIS_URL", "redis://127.0.0.1:6379")
+        .env("FARM_REDIS_PREFIX", &self.name)
+        .env("FARM_STORAGE", format!("s3://{BUCKET}"))
+        .env("FARM_MODELS", self.models.path())
+        .env(
+            "FARM_COORDINATOR",
+            format!("http://127.0.0.1:{}", self.grpc_port),
+        )
+        .env("AWS_ENDPOINT_URL", self.s3.endpoint())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("RUST_LOG", "warn");
         cmd
     }
 
@@ -206,7 +229,10 @@ impl Drop for Farm {
         self.coordinator = None;
         let _ = Command::new("psql")
             .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc"])
-            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -229,7 +255,11 @@ fn spec(prompts: &[&str], seeds: &[u64], steps: u32) -> pb::JobSpec {
     }
 }
 
-async fn submit(client: &mut JobServiceClient<Channel>, spec: pb::JobSpec, key: &str) -> pb::SubmitJobResponse {
+async fn submit(
+    client: &mut JobServiceClient<Channel>,
+    spec: pb::JobSpec,
+    key: &str,
+) -> pb::SubmitJobResponse {
     client
         .submit_job(pb::SubmitJobRequest {
             spec: Some(spec),
@@ -307,16 +337,30 @@ async fn bulk_job_flows_through_the_farm_into_s3() {
     assert_eq!(job.tasks.len(), 12);
 
     for task in &job.tasks {
-        let (prompt, seed) = (PROMPTS[task.index as usize / 4], [1, 2, 3, 4][task.index as usize % 4]);
+        let (prompt, seed) = (
+            PROMPTS[task.index as usize / 4],
+            [1, 2, 3, 4][task.index as usize % 4],
+        );
         assert_eq!((task.prompt.as_str(), task.seed), (prompt, seed));
-        assert_eq!(task.object_key, format!("{}/jobs/{id}/{:06}-{seed}.png", farm.name, task.index));
+        assert_eq!(
+            task.object_key,
+            format!("{}/jobs/{id}/{:06}-{seed}.png", farm.name, task.index)
+        );
         let bytes = object(&*store, &task.object_key).await;
-        assert_eq!(hex::encode(Sha256::digest(&bytes)), task.sha256, "sha256 of task {}", task.index);
+        assert_eq!(
+            hex::encode(Sha256::digest(&bytes)),
+            task.sha256,
+            "sha256 of task {}",
+            task.index
+        );
         assert_eq!(bytes.len() as u64, task.size_bytes);
         let img = image::load_from_memory(&bytes).expect("a PNG");
         assert_eq!((img.width(), img.height()), (64, 64));
         let params = farm_worker::png::read_parameters(&bytes).expect("parameters chunk");
-        assert_eq!((params.prompt.as_str(), params.seed, params.steps), (prompt, seed, 4));
+        assert_eq!(
+            (params.prompt.as_str(), params.seed, params.steps),
+            (prompt, seed, 4)
+        );
         assert_eq!(params.negative_prompt, "blurry");
         assert!(task.attempts >= 1);
     }
@@ -370,22 +414,41 @@ async fn bulk_job_flows_through_the_farm_into_s3() {
     let out = farm.farm(&["submit", "--prompt", "x", "--width", "65", "--seed", "1"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("invalid argument") && stderr.contains("width"), "{stderr}");
+    assert!(
+        stderr.contains("invalid argument") && stderr.contains("width"),
+        "{stderr}"
+    );
     // ...and a waited job as the documented JSON.
     let out = farm.farm(&[
-        "submit", "--prompt", "an otter", "--seeds", "5,6", "--width", "64", "--height", "64", "--steps", "2", "--wait",
-        "--json",
+        "submit", "--prompt", "an otter", "--seeds", "5,6", "--width", "64", "--height", "64",
+        "--steps", "2", "--wait", "--json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON job");
     assert_eq!(json["status"], "succeeded");
     assert_eq!(json["tasks_total"], 2);
     assert_eq!(json["tasks"][1]["seed"], 6);
-    assert!(json["tasks"][0]["sha256"].as_str().is_some_and(|s| s.len() == 64));
+    assert!(json["tasks"][0]["sha256"]
+        .as_str()
+        .is_some_and(|s| s.len() == 64));
     let fetched = tempfile::tempdir().expect("tempdir");
     let job_id = json["id"].as_str().expect("id");
-    let out = farm.farm(&["fetch", job_id, "--out", &fetched.path().display().to_string(), "--grid"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = farm.farm(&[
+        "fetch",
+        job_id,
+        "--out",
+        &fetched.path().display().to_string(),
+        "--grid",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let grid = image::open(fetched.path().join("grid.png")).expect("grid");
     assert_eq!((grid.width(), grid.height()), (128, 64));
     assert!(file_exists(&fetched.path().join("000001-6.png")));
@@ -399,7 +462,10 @@ async fn bulk_job_flows_through_the_farm_into_s3() {
         .into_inner()
         .workers;
     assert_eq!(workers.iter().filter(|w| w.online).count(), 2);
-    assert_eq!(workers.iter().map(|w| w.tasks_done).sum::<u64>(), 12 + 1 + 1 + 2);
+    assert_eq!(
+        workers.iter().map(|w| w.tasks_done).sum::<u64>(),
+        12 + 1 + 1 + 2
+    );
 }
 
 fn file_exists(p: &Path) -> bool {
@@ -410,7 +476,7 @@ fn file_exists(p: &Path) -> bool {
 async fn job_survives_a_coordinator_restart() {
     let mut farm = Farm::new(2);
     let mut client = farm.client().await;
-    let seeds: Vec<u64> = (100..116).collect();
+    let seeds: Vec<u64> = (100..132).collect();
     let id = submit(&mut client, spec(&PROMPTS[..1], &seeds, 8), "")
         .await
         .job
@@ -429,7 +495,10 @@ async fn job_survives_a_coordinator_restart() {
             .expect("get")
             .into_inner();
         if job.tasks_succeeded >= 2 {
-            assert!(job.tasks_succeeded < 16, "job finished before the restart; make it longer");
+            assert!(
+                job.tasks_succeeded < 32,
+                "job finished before the restart; make it longer"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "no progress before the restart");
@@ -442,12 +511,16 @@ async fn job_survives_a_coordinator_restart() {
 
     let job = wait_done(&farm, &id, Duration::from_secs(300)).await;
     assert_eq!(job.status, pb::JobStatus::Succeeded as i32, "{job:?}");
-    assert_eq!(job.tasks_succeeded, 16);
+    assert_eq!(job.tasks_succeeded, 32);
     let store = farm.s3.store();
     for task in &job.tasks {
         assert_eq!(task.status, pb::TaskStatus::Succeeded as i32);
         // No lease expired during a short outage: every task ran exactly once.
-        assert_eq!(task.attempts, 1, "task {} ran {} times", task.index, task.attempts);
+        assert_eq!(
+            task.attempts, 1,
+            "task {} ran {} times",
+            task.index, task.attempts
+        );
         let bytes = object(&*store, &task.object_key).await;
         assert_eq!(hex::encode(Sha256::digest(&bytes)), task.sha256);
     }

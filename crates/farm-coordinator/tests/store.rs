@@ -14,7 +14,10 @@ struct TestDb {
 
 impl TestDb {
     async fn new() -> TestDb {
-        let name = format!("farm_store_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let name = format!(
+            "farm_store_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let store = Store::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
             .await
             .expect("postgres on 127.0.0.1:5432");
@@ -23,10 +26,14 @@ impl TestDb {
 
     async fn drop_db(self) {
         drop(self.store);
-        if let Ok(pool) = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-                .execute(&pool)
-                .await;
+        if let Ok(pool) = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await
+        {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&pool)
+            .await;
         }
     }
 }
@@ -86,24 +93,52 @@ async fn submit_writes_every_task_once_and_honours_idempotency_keys() {
     req.prompts = vec!["a".into(), "b".into()];
     req.idempotency_key = "key-1".into();
     let spec = validate(&req).expect("valid");
-    let (job, created) = db.store.submit(&spec, DEFAULT_TENANT).await.expect("submit");
+    let (job, created) = db
+        .store
+        .submit(&spec, DEFAULT_TENANT)
+        .await
+        .expect("submit");
     assert!(created);
     assert_eq!(job.tasks_total, 10);
     let tasks = db.store.tasks(job.id).await.expect("tasks");
     assert_eq!(tasks.len(), 10);
     assert_eq!((tasks[6].prompt.as_str(), tasks[6].seed), ("b", 2));
-    assert!(tasks.iter().all(|t| t.status == TaskStatus::Pending && t.attempt == 0));
+    assert!(tasks
+        .iter()
+        .all(|t| t.status == TaskStatus::Pending && t.attempt == 0));
 
-    let (again, created) = db.store.submit(&spec, DEFAULT_TENANT).await.expect("resubmit");
+    let (again, created) = db
+        .store
+        .submit(&spec, DEFAULT_TENANT)
+        .await
+        .expect("resubmit");
     assert!(!created);
     assert_eq!(again.id, job.id);
-    assert_eq!(db.store.list_jobs(None, 10, None).await.expect("list").len(), 1);
+    assert_eq!(
+        db.store
+            .list_jobs(None, 10, None)
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
 
     // Seeds beyond i64 survive the bigint column.
     let mut big = request(2, 0);
     big.seed_range = Some((u64::MAX - 1, 2));
-    let (job, _) = db.store.submit(&validate(&big).expect("valid"), DEFAULT_TENANT).await.expect("submit");
-    let seeds: Vec<u64> = db.store.tasks(job.id).await.expect("tasks").iter().map(|t| t.seed).collect();
+    let (job, _) = db
+        .store
+        .submit(&validate(&big).expect("valid"), DEFAULT_TENANT)
+        .await
+        .expect("submit");
+    let seeds: Vec<u64> = db
+        .store
+        .tasks(job.id)
+        .await
+        .expect("tasks")
+        .iter()
+        .map(|t| t.seed)
+        .collect();
     assert_eq!(seeds, vec![u64::MAX - 1, u64::MAX]);
     db.drop_db().await;
 }
@@ -112,12 +147,21 @@ async fn submit_writes_every_task_once_and_honours_idempotency_keys() {
 async fn late_and_duplicate_events_change_nothing() {
     let db = TestDb::new().await;
     let store = &db.store;
-    let (job, _) = store.submit(&validate(&request(1, 3)).expect("valid"), DEFAULT_TENANT).await.expect("submit");
+    let (job, _) = store
+        .submit(&validate(&request(1, 3)).expect("valid"), DEFAULT_TENANT)
+        .await
+        .expect("submit");
     heartbeat(store, 1).await;
-    let task = TaskRef { job: job.id, index: 0 };
+    let task = TaskRef {
+        job: job.id,
+        index: 0,
+    };
 
     // Attempt 1 is dispatched with an already-expired lease, started, then reaped.
-    let claimed = store.claim_for_dispatch(10, Duration::ZERO).await.expect("claim");
+    let claimed = store
+        .claim_for_dispatch(10, Duration::ZERO)
+        .await
+        .expect("claim");
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].attempt, Attempt(1));
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -129,16 +173,32 @@ async fn late_and_duplicate_events_change_nothing() {
     assert_eq!(claimed[0].attempt, Attempt(2));
 
     // Attempt 1 reports late: ignored.
-    let applied = store.apply(&[succeeded(task, 1)], LEASE).await.expect("apply");
+    let applied = store
+        .apply(&[succeeded(task, 1)], LEASE)
+        .await
+        .expect("apply");
     assert_eq!(applied.ignored, 1);
     let row = store.task(task).await.expect("task").expect("exists");
     assert_eq!(row.status, TaskStatus::Queued);
-    assert!(row.error.as_deref().is_some_and(|e| e.contains("lease expired")));
+    assert!(row
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("lease expired")));
 
     // Attempt 2 succeeds; a duplicate of that event changes nothing.
-    let started = Event::Started { task, attempt: Attempt(2), worker: worker(1) };
-    store.apply(&[started, succeeded(task, 2)], LEASE).await.expect("apply");
-    let applied = store.apply(&[succeeded(task, 2)], LEASE).await.expect("apply");
+    let started = Event::Started {
+        task,
+        attempt: Attempt(2),
+        worker: worker(1),
+    };
+    store
+        .apply(&[started, succeeded(task, 2)], LEASE)
+        .await
+        .expect("apply");
+    let applied = store
+        .apply(&[succeeded(task, 2)], LEASE)
+        .await
+        .expect("apply");
     assert_eq!(applied.ignored, 1);
     let job = store.job(job.id).await.expect("job").expect("exists");
     assert_eq!(job.status, JobStatus::Succeeded);
@@ -153,9 +213,21 @@ async fn late_and_duplicate_events_change_nothing() {
 async fn exhausted_attempts_dead_letter_with_the_last_error() {
     let db = TestDb::new().await;
     let store = &db.store;
-    let (job, _) = store.submit(&validate(&request(2, 2)).expect("valid"), DEFAULT_TENANT).await.expect("submit");
+    let (job, _) = store
+        .submit(&validate(&request(2, 2)).expect("valid"), DEFAULT_TENANT)
+        .await
+        .expect("submit");
     heartbeat(store, 2).await;
-    let (t0, t1) = (TaskRef { job: job.id, index: 0 }, TaskRef { job: job.id, index: 1 });
+    let (t0, t1) = (
+        TaskRef {
+            job: job.id,
+            index: 0,
+        },
+        TaskRef {
+            job: job.id,
+            index: 1,
+        },
+    );
 
     // Task 0: a retryable failure, then a lease expiry on the last attempt.
     // Task 1: a non-retryable failure fails at once.
@@ -167,25 +239,41 @@ async fn exhausted_attempts_dead_letter_with_the_last_error() {
         error: "boom".into(),
         retryable,
     };
-    store.apply(&[fail(t0, true), fail(t1, false)], LEASE).await.expect("apply");
+    store
+        .apply(&[fail(t0, true), fail(t1, false)], LEASE)
+        .await
+        .expect("apply");
     let row = store.task(t1).await.expect("task").expect("exists");
     assert_eq!(row.status, TaskStatus::Failed);
     assert!(row.error.as_deref().is_some_and(|e| e.contains("boom")));
-    assert_eq!(store.task(t0).await.expect("task").expect("exists").status, TaskStatus::Pending);
+    assert_eq!(
+        store.task(t0).await.expect("task").expect("exists").status,
+        TaskStatus::Pending
+    );
 
-    let claimed = store.claim_for_dispatch(10, Duration::ZERO).await.expect("claim");
+    let claimed = store
+        .claim_for_dispatch(10, Duration::ZERO)
+        .await
+        .expect("claim");
     assert_eq!(claimed.len(), 1);
     tokio::time::sleep(Duration::from_millis(20)).await;
     let reaped = store.reap_expired(100).await.expect("reap");
     assert_eq!(reaped[0].status, TaskStatus::Failed);
     let row = store.task(t0).await.expect("task").expect("exists");
     assert_eq!((row.status, row.attempt), (TaskStatus::Failed, 2));
-    assert!(row.error.as_deref().is_some_and(|e| e.contains("attempt 2: lease expired")));
+    assert!(row
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("attempt 2: lease expired")));
     let job = store.job(job.id).await.expect("job").expect("exists");
     assert_eq!(job.status, JobStatus::Failed);
     assert_eq!(job.tasks_failed, 2);
     // Nothing is left to dispatch.
-    assert!(store.claim_for_dispatch(10, LEASE).await.expect("claim").is_empty());
+    assert!(store
+        .claim_for_dispatch(10, LEASE)
+        .await
+        .expect("claim")
+        .is_empty());
     db.drop_db().await;
 }
 
@@ -193,14 +281,28 @@ async fn exhausted_attempts_dead_letter_with_the_last_error() {
 async fn cancel_stops_unfinished_tasks_and_keeps_finished_ones() {
     let db = TestDb::new().await;
     let store = &db.store;
-    let (job, _) = store.submit(&validate(&request(3, 0)).expect("valid"), DEFAULT_TENANT).await.expect("submit");
+    let (job, _) = store
+        .submit(&validate(&request(3, 0)).expect("valid"), DEFAULT_TENANT)
+        .await
+        .expect("submit");
     heartbeat(store, 1).await;
     let claimed = store.claim_for_dispatch(1, LEASE).await.expect("claim");
-    store.apply(&[succeeded(claimed[0].task, 1)], LEASE).await.expect("apply");
+    store
+        .apply(&[succeeded(claimed[0].task, 1)], LEASE)
+        .await
+        .expect("apply");
     let job = store.cancel(job.id).await.expect("cancel").expect("exists");
     assert_eq!(job.status, JobStatus::Cancelled);
     assert_eq!((job.tasks_succeeded, job.tasks_cancelled), (1, 2));
-    assert!(store.claim_for_dispatch(10, LEASE).await.expect("claim").is_empty());
-    assert!(store.cancel(farm_core::JobId::new()).await.expect("cancel").is_none());
+    assert!(store
+        .claim_for_dispatch(10, LEASE)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert!(store
+        .cancel(farm_core::JobId::new())
+        .await
+        .expect("cancel")
+        .is_none());
     db.drop_db().await;
 }

@@ -514,7 +514,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut JobRequest)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut JobRequest)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("width", Box::new(|r| r.width = 65)),
             ("height", Box::new(|r| r.height = 4096)),
             ("steps", Box::new(|r| r.steps = 1001)),

@@ -156,3 +156,43 @@ impl ClipTextModel {
         self.final_layer_norm.forward(&x)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    /// Cross-checks this encoder against candle-transformers' SD CLIP (which is validated
+    /// against real SD 1.5 weights) on the full SD 1.5 text-encoder shape with random
+    /// weights. Ignored by default: it allocates ~0.5 GB.
+    #[test]
+    #[ignore]
+    fn matches_candle_reference_on_sd15_shape() -> crate::Result<()> {
+        use candle_transformers::models::stable_diffusion::clip as reference;
+        let cfg = ClipTextConfig {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let ours = ClipTextModel::new(vb.clone(), &cfg)?;
+        crate::tiny::randomize(&varmap, 3, 3)?;
+        let theirs = reference::ClipTextTransformer::new(vb, &reference::Config::v1_5())?;
+        let tok = crate::tiny::clip_tokenizer()?;
+        // One prompt at a time: the reference's causal mask only broadcasts for batch 1.
+        for prompt in ["a photograph of an astronaut riding a horse", ""] {
+            let ids = Tensor::from_vec(tok.encode(prompt), (1, 77), &Device::Cpu)?;
+            let a = ours.forward(&ids)?;
+            let b = theirs.forward(&ids)?;
+            let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-3, "{prompt:?}: max abs diff {diff}");
+        }
+        Ok(())
+    }
+}

@@ -26,6 +26,11 @@ impl JsonFile {
             .map_err(|e| DiffusionError::model(path, format!("cannot read file: {e}")))?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| DiffusionError::model(path, format!("invalid JSON: {e}")))?;
+        Self::from_value(path, value)
+    }
+
+    /// Wraps an already parsed value; `path` is only used in error messages.
+    pub fn from_value(path: &Path, value: Value) -> Result<Self> {
         match value {
             Value::Object(map) => Ok(Self {
                 path: path.to_path_buf(),
@@ -498,6 +503,18 @@ impl SchedulerConfig {
             timestep_spacing,
             prediction_type,
         };
+        if j.get("trained_betas").is_some() {
+            return Err(j.err("trained_betas", "explicit betas are not supported"));
+        }
+        for key in [
+            "rescale_betas_zero_snr",
+            "thresholding",
+            "use_karras_sigmas",
+        ] {
+            if j.bool_or(key, false)? {
+                return Err(j.err(key, "only `false` is supported"));
+            }
+        }
         for (key, v) in [("beta_start", cfg.beta_start), ("beta_end", cfg.beta_end)] {
             if let Some(b) = v {
                 if !(0.0..1.0).contains(&b) {
@@ -509,5 +526,120 @@ impl SchedulerConfig {
             return Err(j.err("num_train_timesteps", "unreasonably large"));
         }
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn file(v: Value) -> JsonFile {
+        JsonFile {
+            path: PathBuf::from("m/unet/config.json"),
+            map: match v {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            },
+        }
+    }
+
+    fn sd15_unet() -> Value {
+        json!({
+            "_class_name": "UNet2DConditionModel",
+            "act_fn": "silu",
+            "attention_head_dim": 8,
+            "block_out_channels": [320, 640, 1280, 1280],
+            "center_input_sample": false,
+            "cross_attention_dim": 768,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                 "CrossAttnDownBlock2D", "DownBlock2D"],
+            "downsample_padding": 1,
+            "flip_sin_to_cos": true,
+            "freq_shift": 0,
+            "in_channels": 4,
+            "layers_per_block": 2,
+            "mid_block_scale_factor": 1,
+            "norm_eps": 1e-05,
+            "norm_num_groups": 32,
+            "out_channels": 4,
+            "sample_size": 64,
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                               "CrossAttnUpBlock2D"]
+        })
+    }
+
+    #[test]
+    fn sd15_unet_maps_to_candle() -> Result<()> {
+        let c = UNetConfig::from_json(&file(sd15_unet()))?;
+        assert_eq!(c.candle.blocks.len(), 4);
+        assert_eq!(c.candle.blocks[0].use_cross_attn, Some(1));
+        assert_eq!(c.candle.blocks[3].use_cross_attn, None);
+        assert_eq!(c.candle.blocks[2].attention_head_dim, 8);
+        assert_eq!(c.candle.cross_attention_dim, 768);
+        assert!(!c.candle.use_linear_projection);
+
+        // SD 2.x style: per-block head counts and linear projections.
+        let mut v = sd15_unet();
+        v["attention_head_dim"] = json!([5, 10, 20, 20]);
+        v["use_linear_projection"] = json!(true);
+        v["cross_attention_dim"] = json!(1024);
+        let c = UNetConfig::from_json(&file(v))?;
+        let heads: Vec<usize> = c
+            .candle
+            .blocks
+            .iter()
+            .map(|b| b.attention_head_dim)
+            .collect();
+        assert_eq!(heads, [5, 10, 20, 20]);
+        assert!(c.candle.use_linear_projection);
+        Ok(())
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let cases = [
+            ("cross_attention_dim", json!(null)),
+            ("block_out_channels", json!([320, 640])),
+            ("attention_head_dim", json!([8, 8])),
+            (
+                "down_block_types",
+                json!(["CrossAttnDownBlock2D", "Weird", "A", "B"]),
+            ),
+            ("norm_eps", json!("small")),
+        ];
+        for (key, value) in cases {
+            let mut v = sd15_unet();
+            v[key] = value;
+            match UNetConfig::from_json(&file(v)) {
+                Err(DiffusionError::Model { path, message }) => {
+                    assert_eq!(path, "m/unet/config.json");
+                    assert!(message.contains(key), "{key}: {message}");
+                }
+                other => panic!("{key}: expected a model error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn scheduler_config_keys() -> Result<()> {
+        let c = SchedulerConfig::from_json(&file(json!({
+            "beta_schedule": "scaled_linear",
+            "prediction_type": "v_prediction",
+            "timestep_spacing": "trailing",
+            "trained_betas": null
+        })))?;
+        assert_eq!(c.beta_schedule, Some(BetaSchedule::ScaledLinear));
+        assert_eq!(c.prediction_type, Some(PredictionType::VPrediction));
+        assert_eq!(c.timestep_spacing, Some(TimestepSpacing::Trailing));
+        assert_eq!(c.beta_start, None);
+        for bad in [
+            json!({"beta_schedule": "squaredcos_cap_v2"}),
+            json!({"prediction_type": "sample"}),
+            json!({"trained_betas": [0.1, 0.2]}),
+        ] {
+            assert!(SchedulerConfig::from_json(&file(bad)).is_err());
+        }
+        Ok(())
     }
 }

@@ -91,7 +91,7 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 
 /// Overwrites every variable with seeded random values: norm weights around 1, biases
 /// small, matrices/kernels normal with std `1/sqrt(fan_in)`, embeddings std 0.02.
-fn randomize(varmap: &VarMap, seed: u64, stream: u64) -> Result<()> {
+pub(crate) fn randomize(varmap: &VarMap, seed: u64, stream: u64) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(stream);
     let vars = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
@@ -283,8 +283,13 @@ pub fn init_tiny(dir: &Path, seed: u64) -> Result<()> {
             "_class_name": "AutoencoderKL",
             "_diffusers_version": DIFFUSERS_VERSION,
             "act_fn": "silu",
-            "block_out_channels": [32, 64],
-            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "block_out_channels": [32, 32, 64, 64],
+            "down_block_types": [
+                "DownEncoderBlock2D",
+                "DownEncoderBlock2D",
+                "DownEncoderBlock2D",
+                "DownEncoderBlock2D"
+            ],
             "in_channels": 3,
             "latent_channels": 4,
             "layers_per_block": 1,
@@ -292,7 +297,12 @@ pub fn init_tiny(dir: &Path, seed: u64) -> Result<()> {
             "out_channels": 3,
             "sample_size": 64,
             "scaling_factor": 0.18215,
-            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"]
+            "up_block_types": [
+                "UpDecoderBlock2D",
+                "UpDecoderBlock2D",
+                "UpDecoderBlock2D",
+                "UpDecoderBlock2D"
+            ]
         }),
     )?;
     let cfg = VaeConfig::from_json(&JsonFile::read(&path)?)?;

@@ -44,8 +44,14 @@ fn run(req: &Txt2Img) -> RgbImage {
 
 #[test]
 fn every_scheduler_is_deterministic_and_seed_dependent() {
+    // 64x64 as the spec asks; no guidance and two steps keep it fast on a CPU.
     for kind in SchedulerKind::ALL {
-        let a = run(&request(kind, 1));
+        let req = |seed| Txt2Img {
+            steps: 2,
+            guidance_scale: 1.0,
+            ..request(kind, seed)
+        };
+        let a = run(&req(1));
         assert_eq!((a.width, a.height), (64, 64), "{kind}");
         assert_eq!(a.pixels.len(), 64 * 64 * 3, "{kind}");
         let first = a.pixels[0];
@@ -53,10 +59,33 @@ fn every_scheduler_is_deterministic_and_seed_dependent() {
             a.pixels.iter().any(|&p| p != first),
             "{kind}: constant image"
         );
-        let b = run(&request(kind, 1));
+        let b = run(&req(1));
         assert_eq!(a, b, "{kind}: same seed must give the same pixels");
-        let c = run(&request(kind, 2));
+        let c = run(&req(2));
         assert_ne!(a.pixels, c.pixels, "{kind}: another seed must differ");
+    }
+}
+
+#[test]
+fn multistep_with_guidance() {
+    // Smaller images so that every multistep branch (PLMS orders 1-4, DPM++ 2M) runs fast.
+    for kind in SchedulerKind::ALL {
+        let req = Txt2Img {
+            width: 32,
+            height: 32,
+            steps: 6,
+            negative_prompt: "blurry, low quality".into(),
+            ..request(kind, 5)
+        };
+        let a = run(&req);
+        assert_eq!((a.width, a.height), (32, 32), "{kind}");
+        let b = run(&req);
+        assert_eq!(a, b, "{kind}: same seed must give the same pixels");
+        let unguided = run(&Txt2Img {
+            guidance_scale: 1.0,
+            ..req.clone()
+        });
+        assert_ne!(a.pixels, unguided.pixels, "{kind}: guidance must matter");
     }
 }
 
@@ -78,7 +107,11 @@ fn progress_and_no_guidance() {
 
     // PNDM (PLMS) evaluates the UNet steps + 1 times.
     let mut calls = 0;
-    let req = request(SchedulerKind::Pndm, 3);
+    let req = Txt2Img {
+        width: 32,
+        height: 32,
+        ..request(SchedulerKind::Pndm, 3)
+    };
     fixture()
         .model
         .txt2img(&req, &mut |_, total| {
@@ -93,12 +126,14 @@ fn progress_and_no_guidance() {
 #[test]
 fn cancel_stops_after_the_first_step() {
     let mut calls = 0;
-    let res = fixture()
-        .model
-        .txt2img(&request(SchedulerKind::EulerAncestral, 1), &mut |_, _| {
+    let res = fixture().model.txt2img(
+        &request(SchedulerKind::EulerAncestral, 1),
+        &mut |done, total| {
+            assert_eq!((done, total), (1, 3));
             calls += 1;
             false
-        });
+        },
+    );
     assert!(matches!(res, Err(DiffusionError::Cancelled)), "{res:?}");
     assert_eq!(calls, 1);
 }
