@@ -18,7 +18,29 @@ use farm_proto::v1::job_service_client::JobServiceClient;
 use object_store::aws::AmazonS3Builder;
 use object_store::ObjectStore;
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+
+/// Adds `authorization: Bearer <token>` (or nothing) to every request.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Jobs = JobServiceClient<InterceptedService<Channel, Bearer>>;
+type Cluster = ClusterServiceClient<InterceptedService<Channel, Bearer>>;
 
 const FARM: &str = env!("CARGO_BIN_EXE_farm");
 const BUCKET: &str = "farm-e2e";
@@ -113,6 +135,8 @@ struct Farm {
     http_port: u16,
     coordinator: Option<Proc>,
     workers: Vec<Proc>,
+    /// An admin token of tenant `e2e`.
+    token: String,
 }
 
 impl Farm {
@@ -130,6 +154,7 @@ impl Farm {
             http_port: free_port(),
             coordinator: None,
             workers: Vec::new(),
+            token: String::new(),
         };
         let out = farm.farm(&[
             "model",
@@ -141,6 +166,7 @@ impl Farm {
             "init-tiny: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        farm.token = farm.create_token("e2e", true);
         farm.start_coordinator();
         for _ in 0..workers {
             farm.start_worker();
@@ -168,7 +194,24 @@ impl Farm {
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ALLOW_HTTP", "true")
         .env("RUST_LOG", "warn");
+        if !self.token.is_empty() {
+            cmd.env("FARM_TOKEN", &self.token);
+        }
         cmd
+    }
+
+    fn create_token(&self, tenant: &str, admin: bool) -> String {
+        let mut args = vec!["token", "create", "--tenant", tenant];
+        if admin {
+            args.push("--admin");
+        }
+        let out = self.farm(&args);
+        assert!(
+            out.status.success(),
+            "token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     fn farm(&self, args: &[&str]) -> Output {
@@ -207,11 +250,19 @@ impl Farm {
         self.workers.push(Proc(child));
     }
 
-    async fn client(&self) -> JobServiceClient<Channel> {
+    async fn client(&self) -> Jobs {
+        self.client_with(Some(&self.token)).await
+    }
+
+    async fn channel(&self) -> Channel {
         let url = format!("http://127.0.0.1:{}", self.grpc_port);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match JobServiceClient::connect(url.clone()).await {
+            match Endpoint::from_shared(url.clone())
+                .expect("url")
+                .connect()
+                .await
+            {
                 Ok(c) => return c,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
@@ -221,6 +272,18 @@ impl Farm {
             }
         }
     }
+
+    async fn client_with(&self, token: Option<&str>) -> Jobs {
+        JobServiceClient::with_interceptor(self.channel().await, bearer(token))
+    }
+
+    async fn cluster_with(&self, token: Option<&str>) -> Cluster {
+        ClusterServiceClient::with_interceptor(self.channel().await, bearer(token))
+    }
+}
+
+fn bearer(token: Option<&str>) -> Bearer {
+    Bearer(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")))
 }
 
 impl Drop for Farm {
@@ -255,11 +318,7 @@ fn spec(prompts: &[&str], seeds: &[u64], steps: u32) -> pb::JobSpec {
     }
 }
 
-async fn submit(
-    client: &mut JobServiceClient<Channel>,
-    spec: pb::JobSpec,
-    key: &str,
-) -> pb::SubmitJobResponse {
+async fn submit(client: &mut Jobs, spec: pb::JobSpec, key: &str) -> pb::SubmitJobResponse {
     client
         .submit_job(pb::SubmitJobRequest {
             spec: Some(spec),
@@ -453,9 +512,9 @@ async fn bulk_job_flows_through_the_farm_into_s3() {
     assert_eq!((grid.width(), grid.height()), (128, 64));
     assert!(file_exists(&fetched.path().join("000001-6.png")));
 
-    let workers = ClusterServiceClient::connect(format!("http://127.0.0.1:{}", farm.grpc_port))
+    let workers = farm
+        .cluster_with(Some(&farm.token))
         .await
-        .expect("connect")
         .list_workers(pb::ListWorkersRequest {})
         .await
         .expect("workers")
@@ -524,4 +583,117 @@ async fn job_survives_a_coordinator_restart() {
         let bytes = object(&*store, &task.object_key).await;
         assert_eq!(hex::encode(Sha256::digest(&bytes)), task.sha256);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_kept_apart_and_tokens_required() {
+    let farm = Farm::new(0);
+    let alice = farm.create_token("alice", false);
+    let bob = farm.create_token("bob", false);
+    let mut as_alice = farm.client_with(Some(&alice)).await;
+    let mut as_bob = farm.client_with(Some(&bob)).await;
+
+    let id = submit(&mut as_alice, spec(&PROMPTS[..1], &[1, 2], 2), "")
+        .await
+        .job
+        .expect("job")
+        .id;
+    let get = |job_id: &str| pb::GetJobRequest {
+        job_id: job_id.to_string(),
+        include_tasks: true,
+    };
+    assert_eq!(
+        as_alice
+            .get_job(get(&id))
+            .await
+            .expect("own job")
+            .into_inner()
+            .tasks
+            .len(),
+        2
+    );
+
+    // Bob cannot see, watch, cancel or fetch Alice's job: to him it does not exist.
+    let code = |r: Result<tonic::Response<pb::Job>, tonic::Status>| r.expect_err("refused").code();
+    assert_eq!(code(as_bob.get_job(get(&id)).await), tonic::Code::NotFound);
+    assert_eq!(
+        code(
+            as_bob
+                .cancel_job(pb::CancelJobRequest { job_id: id.clone() })
+                .await
+        ),
+        tonic::Code::NotFound
+    );
+    let watched = as_bob
+        .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+        .await;
+    assert_eq!(watched.expect_err("refused").code(), tonic::Code::NotFound);
+    let image = as_bob
+        .get_task_image(pb::GetTaskImageRequest {
+            job_id: id.clone(),
+            index: 0,
+        })
+        .await;
+    assert_eq!(image.expect_err("refused").code(), tonic::Code::NotFound);
+    let listed = as_bob
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.jobs.is_empty());
+    // Only admins see the cluster; the admin sees every job.
+    let workers = farm
+        .cluster_with(Some(&bob))
+        .await
+        .list_workers(pb::ListWorkersRequest {})
+        .await;
+    assert_eq!(
+        workers.expect_err("refused").code(),
+        tonic::Code::PermissionDenied
+    );
+    let mut admin = farm.client().await;
+    assert_eq!(
+        admin
+            .get_job(get(&id))
+            .await
+            .expect("admin sees it")
+            .into_inner()
+            .id,
+        id
+    );
+
+    // No token, or a wrong one: UNAUTHENTICATED. Health needs none.
+    let mut anonymous = farm.client_with(None).await;
+    let listed = anonymous.list_jobs(pb::ListJobsRequest::default()).await;
+    assert_eq!(
+        listed.expect_err("refused").code(),
+        tonic::Code::Unauthenticated
+    );
+    let mut forged = farm.client_with(Some("farm_0000")).await;
+    let listed = forged.list_jobs(pb::ListJobsRequest::default()).await;
+    assert_eq!(
+        listed.expect_err("refused").code(),
+        tonic::Code::Unauthenticated
+    );
+    let out = farm
+        .command()
+        .env_remove("FARM_TOKEN")
+        .args(["list"])
+        .output()
+        .expect("farm list");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FARM_TOKEN"));
+
+    // Bob can cancel his own job.
+    let own = submit(&mut as_bob, spec(&PROMPTS[..1], &[3], 2), "")
+        .await
+        .job
+        .expect("job")
+        .id;
+    let cancelled = as_bob
+        .cancel_job(pb::CancelJobRequest { job_id: own })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(cancelled.status, pb::JobStatus::Cancelled as i32);
 }

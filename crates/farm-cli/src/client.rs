@@ -11,12 +11,59 @@ use farm_proto::v1 as pb;
 use farm_proto::v1::cluster_service_client::ClusterServiceClient;
 use farm_proto::v1::job_service_client::JobServiceClient;
 use indicatif::{ProgressBar, ProgressStyle};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::output::{is_terminal, job_json, job_status_name, print_job, print_table};
 use crate::Settings;
 
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Where `farm dev` and `farm demo` leave their local admin token, and where the CLI looks
+/// when FARM_TOKEN is unset.
+pub const TOKEN_FILE: &str = "./farm-data/token";
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Jobs = JobServiceClient<InterceptedService<Channel, Auth>>;
+pub type Cluster = ClusterServiceClient<InterceptedService<Channel, Auth>>;
+
+/// FARM_TOKEN, else the token `farm dev`/`farm demo` wrote, else none.
+fn auth(settings: &Settings) -> anyhow::Result<Auth> {
+    let token = match &settings.token {
+        Some(t) => Some(t.trim().to_string()),
+        None => std::fs::read_to_string(TOKEN_FILE)
+            .ok()
+            .map(|t| t.trim().to_string()),
+    };
+    let value = token
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            format!("Bearer {t}")
+                .parse::<MetadataValue<Ascii>>()
+                .context("FARM_TOKEN holds characters a token cannot have")
+        })
+        .transpose()?;
+    Ok(Auth(value))
+}
 
 #[derive(Args, Clone, Debug, Default)]
 pub struct SubmitArgs {
@@ -78,7 +125,12 @@ fn rpc_error(what: &str, status: tonic::Status) -> anyhow::Error {
         tonic::Code::FailedPrecondition => "failed precondition",
         tonic::Code::ResourceExhausted => "resource exhausted",
         tonic::Code::PermissionDenied => "permission denied",
-        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::Unauthenticated => {
+            return anyhow::anyhow!(
+                "{what}: unauthenticated: {}; set FARM_TOKEN to a token from `farm token create --tenant NAME`",
+                status.message()
+            )
+        }
         _ => "error",
     };
     anyhow::anyhow!("{what}: {code}: {}", status.message())
@@ -96,10 +148,12 @@ async fn channel(settings: &Settings) -> anyhow::Result<Channel> {
     })
 }
 
-pub async fn jobs_client(settings: &Settings) -> anyhow::Result<JobServiceClient<Channel>> {
-    Ok(JobServiceClient::new(channel(settings).await?)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+pub async fn jobs_client(settings: &Settings) -> anyhow::Result<Jobs> {
+    Ok(
+        JobServiceClient::with_interceptor(channel(settings).await?, auth(settings)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
 }
 
 fn read_prompts(args: &SubmitArgs) -> anyhow::Result<Vec<String>> {
@@ -159,7 +213,7 @@ fn rand_seed() -> u32 {
 }
 
 pub async fn submit_job(
-    client: &mut JobServiceClient<Channel>,
+    client: &mut Jobs,
     spec: pb::JobSpec,
     idempotency_key: &str,
 ) -> anyhow::Result<pb::SubmitJobResponse> {
@@ -212,11 +266,7 @@ fn ensure_succeeded(job: &pb::Job) -> anyhow::Result<()> {
     }
 }
 
-async fn get_job(
-    client: &mut JobServiceClient<Channel>,
-    job: &str,
-    include_tasks: bool,
-) -> anyhow::Result<pb::Job> {
+async fn get_job(client: &mut Jobs, job: &str, include_tasks: bool) -> anyhow::Result<pb::Job> {
     Ok(client
         .get_job(pb::GetJobRequest {
             job_id: job.to_string(),
@@ -240,11 +290,7 @@ pub async fn status(settings: &Settings, job: &str, json: bool) -> anyhow::Resul
 
 /// Follows a job until it ends (reconnecting if the coordinator restarts) and returns it with
 /// its tasks. Shows a progress bar on a terminal, plain lines otherwise.
-pub async fn watch_job(
-    client: &mut JobServiceClient<Channel>,
-    job_id: &str,
-    show: bool,
-) -> anyhow::Result<pb::Job> {
+pub async fn watch_job(client: &mut Jobs, job_id: &str, show: bool) -> anyhow::Result<pb::Job> {
     let tty = std::io::stderr().is_terminal();
     let bar = if show && tty {
         let bar = ProgressBar::new(0);
@@ -444,7 +490,7 @@ pub async fn cancel(settings: &Settings, job: &str) -> anyhow::Result<()> {
 /// Downloads every succeeded image of a job into `out` as `{index:06}-{seed}.png`; returns
 /// the paths in task order.
 pub async fn download(
-    client: &mut JobServiceClient<Channel>,
+    client: &mut Jobs,
     job: &pb::Job,
     out: &Path,
 ) -> anyhow::Result<Vec<(pb::Task, PathBuf)>> {
@@ -520,7 +566,8 @@ pub async fn fetch(settings: &Settings, job: &str, out: &Path, grid: bool) -> an
 }
 
 pub async fn workers(settings: &Settings, json: bool) -> anyhow::Result<()> {
-    let mut client = ClusterServiceClient::new(channel(settings).await?);
+    let mut client: Cluster =
+        ClusterServiceClient::with_interceptor(channel(settings).await?, auth(settings)?);
     let workers = client
         .list_workers(pb::ListWorkersRequest {})
         .await

@@ -77,7 +77,8 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
         grpc_addr: args.grpc_addr,
         http_addr: args.http_addr,
     };
-    let (grpc, mut farm) = crate::run_dev(settings, &addrs, args.workers, shutdown.clone()).await?;
+    let (grpc, token, mut farm) =
+        crate::run_dev(settings, &addrs, args.workers, shutdown.clone()).await?;
     eprintln!(
         "farm: coordinator on http://{grpc} with {} worker(s), storage {}",
         args.workers, settings.storage
@@ -86,6 +87,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
     let result = async {
         let mut client_settings = settings.clone();
         client_settings.coordinator = format!("http://{grpc}");
+        client_settings.token = Some(token);
         let mut client = crate::client::jobs_client(&client_settings).await?;
         let spec = pb::JobSpec {
             mode: "txt2img".into(),

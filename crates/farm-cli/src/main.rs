@@ -70,6 +70,10 @@ pub struct Settings {
         default_value = "http://127.0.0.1:50051"
     )]
     pub coordinator: String,
+    /// API token for client commands (default: the one `farm dev`/`farm demo` wrote to
+    /// ./farm-data/token).
+    #[arg(long, global = true, env = "FARM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Log format: text or json.
     #[arg(long, global = true, env = "FARM_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -148,6 +152,11 @@ enum Command {
     },
     /// Create the database if needed and apply migrations.
     Migrate,
+    /// API tokens (needs FARM_DATABASE_URL).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Model folders.
     Model {
         #[command(subcommand)]
@@ -165,6 +174,18 @@ pub struct WorkerArgs {
     /// Worker name (default: hostname-pid-random).
     #[arg(long, env = "FARM_WORKER_ID")]
     pub id: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token for a tenant and print it (it is shown only this once).
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// May see every tenant's jobs and the cluster.
+        #[arg(long)]
+        admin: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -237,15 +258,33 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+fn write_token_file(token: &str) -> anyhow::Result<()> {
+    let path = std::path::Path::new(client::TOKEN_FILE);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(path, format!("{token}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(())
+}
+
 /// Coordinator and workers in one process until `shutdown`.
 pub async fn run_dev(
     settings: &Settings,
     addrs: &ServeAddrs,
     workers: usize,
     shutdown: CancellationToken,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinSet<anyhow::Result<()>>)> {
+) -> anyhow::Result<(SocketAddr, String, tokio::task::JoinSet<anyhow::Result<()>>)> {
     let bound = farm_coordinator::bind(settings.coordinator_config(addrs)).await?;
     let grpc = bound.grpc_addr();
+    // A local admin token, where client commands find it without FARM_TOKEN.
+    let token = bound.store().create_token("local", true).await?;
+    write_token_file(&token)?;
     let mut set = tokio::task::JoinSet::new();
     set.spawn(bound.run(shutdown.clone()));
     for _ in 0..workers {
@@ -256,7 +295,7 @@ pub async fn run_dev(
         });
         set.spawn(farm_worker::run(config, shutdown.clone()));
     }
-    Ok((grpc, set))
+    Ok((grpc, token, set))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -279,8 +318,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Dev { addrs, workers } => {
             let shutdown = shutdown_on_signal();
-            let (grpc, mut set) = run_dev(&settings, &addrs, workers, shutdown.clone()).await?;
-            eprintln!("farm dev: coordinator on http://{grpc}, {workers} worker(s); Ctrl-C stops");
+            let (grpc, _token, mut set) =
+                run_dev(&settings, &addrs, workers, shutdown.clone()).await?;
+            eprintln!(
+                "farm dev: coordinator on http://{grpc}, {workers} worker(s); admin token in {}; Ctrl-C stops",
+                client::TOKEN_FILE
+            );
             while let Some(done) = set.join_next().await {
                 done.context("a farm task panicked")??;
                 shutdown.cancel();
@@ -302,6 +345,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => {
             farm_coordinator::connect_store(&settings.database_url).await?;
             println!("migrations applied to {}", settings.database_url);
+            Ok(())
+        }
+        Command::Token {
+            command: TokenCommand::Create { tenant, admin },
+        } => {
+            let tenant = tenant.trim();
+            anyhow::ensure!(
+                !tenant.is_empty() && tenant.len() <= 128,
+                "--tenant must be 1 to 128 characters"
+            );
+            let store = farm_coordinator::connect_store(&settings.database_url).await?;
+            println!("{}", store.create_token(tenant, admin).await?);
             Ok(())
         }
         Command::Model {

@@ -5,6 +5,7 @@
 //! attempt) and the reaper (expired leases → requeue or dead letter). Several coordinators may
 //! run against one Postgres and Redis.
 
+mod auth;
 mod convert;
 mod http;
 mod loops;
@@ -40,6 +41,9 @@ pub struct CoordinatorConfig {
     pub queue_lease: Duration,
     /// How long a running task may go without a heartbeat before it is requeued.
     pub run_lease: Duration,
+    /// The most unfinished tasks one tenant may have; a submit beyond it is refused with
+    /// `RESOURCE_EXHAUSTED`.
+    pub tenant_quota: Option<u64>,
 }
 
 impl CoordinatorConfig {
@@ -54,6 +58,7 @@ impl CoordinatorConfig {
             id: "coordinator".into(),
             queue_lease: Duration::from_secs(600),
             run_lease: Duration::from_secs(30),
+            tenant_quota: Some(1_000_000),
         }
     }
 }
@@ -120,6 +125,10 @@ impl Bound {
         self.grpc
             .local_addr()
             .unwrap_or(self.shared.config.grpc_addr)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.shared.store
     }
 
     pub fn http_addr(&self) -> SocketAddr {

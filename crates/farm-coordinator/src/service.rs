@@ -18,8 +18,9 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::auth::{Authenticator, Caller};
 use crate::convert::{job_status_filter, job_to_pb, request_from_pb, task_to_pb, worker_to_pb};
-use crate::store::{StoreError, DEFAULT_TENANT};
+use crate::store::StoreError;
 use crate::{Shared, Update};
 
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -39,7 +40,10 @@ pub(crate) async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let api = Api { shared };
+    let api = Api {
+        shared,
+        auth: Arc::new(Authenticator::default()),
+    };
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -57,9 +61,33 @@ pub(crate) async fn serve(
 #[derive(Clone)]
 struct Api {
     shared: Arc<Shared>,
+    auth: Arc<Authenticator>,
+}
+
+impl Api {
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        self.auth.caller(&self.shared.store, request).await
+    }
+
+    /// The job if the caller may see it; another tenant's job is `NOT_FOUND`, like a missing one.
+    async fn visible_job(
+        &self,
+        caller: &Caller,
+        id: JobId,
+    ) -> Result<crate::store::JobRow, Status> {
+        self.shared
+            .store
+            .visible_job(id, caller.scope())
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("job {id} not found")))
+    }
 }
 
 fn store_status(e: StoreError) -> Status {
+    if let StoreError::Quota { .. } = e {
+        return Status::resource_exhausted(format!("spec.seeds: {e}"));
+    }
     if e.is_unavailable() {
         Status::unavailable(format!("database unavailable: {e}"))
     } else {
@@ -93,6 +121,7 @@ impl JobService for Api {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let spec = req
             .spec
@@ -102,11 +131,11 @@ impl JobService for Api {
         let (job, created) = self
             .shared
             .store
-            .submit(&spec, DEFAULT_TENANT)
+            .submit_with_quota(&spec, &caller.tenant, self.shared.config.tenant_quota)
             .await
             .map_err(store_status)?;
         if created {
-            tracing::info!(job = %job.id, tasks = job.tasks_total, model = %spec.model, "job submitted");
+            tracing::info!(job = %job.id, tenant = %caller.tenant, tasks = job.tasks_total, model = %spec.model, "job submitted");
             self.shared.dispatch_now.notify_one();
         }
         Ok(Response::new(pb::SubmitJobResponse {
@@ -119,14 +148,11 @@ impl JobService for Api {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let id = parse_job_id(&req.job_id)?;
         let store = &self.shared.store;
-        let job = store
-            .job(id)
-            .await
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+        let job = self.visible_job(&caller, id).await?;
         let tasks = if req.include_tasks {
             store.tasks(id).await.map_err(store_status)?
         } else {
@@ -139,6 +165,7 @@ impl JobService for Api {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let page_size = match req.page_size {
             0 => 50,
@@ -154,7 +181,12 @@ impl JobService for Api {
         let jobs = self
             .shared
             .store
-            .list_jobs(job_status_filter(status), page_size + 1, after)
+            .list_jobs(
+                caller.scope(),
+                job_status_filter(status),
+                page_size + 1,
+                after,
+            )
             .await
             .map_err(store_status)?;
         let more = jobs.len() > page_size as usize;
@@ -175,14 +207,10 @@ impl JobService for Api {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let caller = self.caller(&request).await?;
         let id = parse_job_id(&request.into_inner().job_id)?;
-        let store = &self.shared.store;
-        let job = store
-            .job(id)
-            .await
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
-        let tasks = store.tasks(id).await.map_err(store_status)?;
+        let job = self.visible_job(&caller, id).await?;
+        let tasks = self.shared.store.tasks(id).await.map_err(store_status)?;
         let updates = self.shared.updates.subscribe();
         let (tx, rx) = mpsc::channel(256);
         let shared = self.shared.clone();
@@ -202,7 +230,9 @@ impl JobService for Api {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&request).await?;
         let id = parse_job_id(&request.into_inner().job_id)?;
+        self.visible_job(&caller, id).await?;
         let job = self
             .shared
             .store
@@ -223,8 +253,10 @@ impl JobService for Api {
         &self,
         request: Request<pb::GetTaskImageRequest>,
     ) -> Result<Response<pb::TaskImage>, Status> {
+        let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let job = parse_job_id(&req.job_id)?;
+        self.visible_job(&caller, job).await?;
         let task = self
             .shared
             .store
@@ -350,8 +382,9 @@ async fn watch(
 impl ClusterService for Api {
     async fn list_workers(
         &self,
-        _request: Request<pb::ListWorkersRequest>,
+        request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        self.caller(&request).await?.require_admin()?;
         let workers = self.shared.store.workers().await.map_err(store_status)?;
         Ok(Response::new(pb::ListWorkersResponse {
             workers: workers.iter().map(worker_to_pb).collect(),
@@ -360,8 +393,9 @@ impl ClusterService for Api {
 
     async fn get_queue_stats(
         &self,
-        _request: Request<pb::GetQueueStatsRequest>,
+        request: Request<pb::GetQueueStatsRequest>,
     ) -> Result<Response<pb::QueueStats>, Status> {
+        self.caller(&request).await?.require_admin()?;
         let store = &self.shared.store;
         let counts = store.task_counts().await.map_err(store_status)?;
         let workers = store.workers().await.map_err(store_status)?;

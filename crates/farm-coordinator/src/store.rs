@@ -33,6 +33,13 @@ pub enum StoreError {
     Sql(#[from] sqlx::Error),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("tenant {tenant:?} has {unfinished} unfinished tasks; {requested} more would exceed its quota of {limit}")]
+    Quota {
+        tenant: String,
+        unfinished: u64,
+        requested: u64,
+        limit: u64,
+    },
 }
 
 impl StoreError {
@@ -57,6 +64,7 @@ type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Debug, Clone)]
 pub struct JobRow {
     pub id: JobId,
+    pub tenant: String,
     pub spec: JobSpec,
     pub status: JobStatus,
     pub tasks_total: u32,
@@ -127,6 +135,12 @@ pub struct Applied {
 
 /// A worker is online while its heartbeats are younger than this.
 pub const WORKER_ONLINE_SECS: i64 = 15;
+
+/// The hex SHA-256 of a token: what the database keeps instead of the token.
+pub fn token_digest(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
 
 fn seed_to_db(seed: u64) -> i64 {
     seed as i64
@@ -205,7 +219,53 @@ impl Store {
     /// Writes the job and all its tasks in one transaction. With an idempotency key already
     /// used by this tenant, writes nothing and returns the existing job (`created` false).
     pub async fn submit(&self, spec: &JobSpec, tenant: &str) -> Result<(JobRow, bool)> {
+        self.submit_with_quota(spec, tenant, None).await
+    }
+
+    /// [`Store::submit`], refusing the job when the tenant's unfinished tasks plus this job's
+    /// would exceed `quota`. Submits of one tenant are serialized by an advisory lock so the
+    /// check cannot race.
+    pub async fn submit_with_quota(
+        &self,
+        spec: &JobSpec,
+        tenant: &str,
+        quota: Option<u64>,
+    ) -> Result<(JobRow, bool)> {
         let mut tx = self.pool.begin().await?;
+        if let Some(limit) = quota {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('farm-quota:' || $1))")
+                .bind(tenant)
+                .execute(&mut *tx)
+                .await?;
+            let unfinished: i64 = sqlx::query_scalar(
+                "SELECT coalesce(sum(tasks_total - tasks_succeeded - tasks_failed - tasks_cancelled), 0)::bigint
+                 FROM jobs WHERE tenant = $1 AND status IN ('pending', 'running')",
+            )
+            .bind(tenant)
+            .fetch_one(&mut *tx)
+            .await?;
+            let requested = u64::from(spec.tasks_total());
+            let unfinished = unfinished.max(0) as u64;
+            let repeat = match spec.idempotency_key.as_deref() {
+                Some(key) => sqlx::query_scalar::<_, Uuid>(
+                    "SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+                )
+                .bind(tenant)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some(),
+                None => false,
+            };
+            if !repeat && unfinished + requested > limit {
+                return Err(StoreError::Quota {
+                    tenant: tenant.to_string(),
+                    unfinished,
+                    requested,
+                    limit,
+                });
+            }
+        }
         let id = JobId::new();
         let spec_json =
             serde_json::to_value(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -276,9 +336,20 @@ impl Store {
         row.map(|r| job_from_row(&r)).transpose()
     }
 
-    /// Jobs newest first; `after` is the (created_at, id) of the last job of the previous page.
+    /// The job, if `tenant` may see it (`None`: an admin, who sees every job). Another
+    /// tenant's job is reported as absent, exactly like a job that does not exist.
+    pub async fn visible_job(&self, id: JobId, tenant: Option<&str>) -> Result<Option<JobRow>> {
+        Ok(self
+            .job(id)
+            .await?
+            .filter(|job| tenant.is_none_or(|t| t == job.tenant)))
+    }
+
+    /// Jobs newest first; `after` is the (created_at, id) of the last job of the previous page;
+    /// `tenant` limits the list to one tenant's jobs.
     pub async fn list_jobs(
         &self,
+        tenant: Option<&str>,
         status: Option<JobStatus>,
         limit: u32,
         after: Option<(DateTime<Utc>, Uuid)>,
@@ -291,6 +362,7 @@ impl Store {
             "{JOB_COLUMNS}
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+               AND ($5::text IS NULL OR tenant = $5)
              ORDER BY created_at DESC, id DESC
              LIMIT $4"
         ))
@@ -298,6 +370,7 @@ impl Store {
         .bind(after_ts)
         .bind(after_id)
         .bind(i64::from(limit))
+        .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(job_from_row).collect()
@@ -729,6 +802,34 @@ impl Store {
             .collect()
     }
 
+    /// Creates an API token for `tenant` and returns it; only its SHA-256 is stored.
+    pub async fn create_token(&self, tenant: &str, admin: bool) -> Result<String> {
+        let token = format!(
+            "farm_{}{}",
+            Uuid::new_v4().simple(),
+            Uuid::new_v4().simple()
+        );
+        sqlx::query("INSERT INTO api_tokens (token_sha256, tenant, admin) VALUES ($1, $2, $3)")
+            .bind(token_digest(&token))
+            .bind(tenant)
+            .bind(admin)
+            .execute(&self.pool)
+            .await?;
+        Ok(token)
+    }
+
+    /// Who holds `token`: (tenant, admin), or `None` for an unknown or revoked token.
+    pub async fn token_owner(&self, token: &str) -> Result<Option<(String, bool)>> {
+        let row = sqlx::query(
+            "SELECT tenant, admin FROM api_tokens WHERE token_sha256 = $1 AND revoked_at IS NULL",
+        )
+        .bind(token_digest(token))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((r.try_get("tenant")?, r.try_get("admin")?)))
+            .transpose()
+    }
+
     pub async fn task_counts(&self) -> Result<TaskCounts> {
         let rows = sqlx::query("SELECT status, count(*) AS n FROM tasks GROUP BY status")
             .fetch_all(&self.pool)
@@ -833,7 +934,8 @@ async fn bump_job(
     Ok(())
 }
 
-const JOB_COLUMNS: &str = "SELECT id, spec, status, tasks_total, tasks_succeeded, tasks_failed,
+const JOB_COLUMNS: &str =
+    "SELECT id, tenant, spec, status, tasks_total, tasks_succeeded, tasks_failed,
         tasks_cancelled, created_at, finished_at FROM jobs";
 
 fn job_from_row(r: &sqlx::postgres::PgRow) -> Result<JobRow> {
@@ -841,6 +943,7 @@ fn job_from_row(r: &sqlx::postgres::PgRow) -> Result<JobRow> {
     let status: String = r.try_get("status")?;
     Ok(JobRow {
         id: JobId(r.try_get("id")?),
+        tenant: r.try_get("tenant")?,
         spec: serde_json::from_value(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         status: JobStatus::from_str(&status).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         tasks_total: r.try_get::<i32, _>("tasks_total")? as u32,

@@ -116,7 +116,7 @@ async fn submit_writes_every_task_once_and_honours_idempotency_keys() {
     assert_eq!(again.id, job.id);
     assert_eq!(
         db.store
-            .list_jobs(None, 10, None)
+            .list_jobs(None, None, 10, None)
             .await
             .expect("list")
             .len(),
@@ -304,5 +304,94 @@ async fn cancel_stops_unfinished_tasks_and_keeps_finished_ones() {
         .await
         .expect("cancel")
         .is_none());
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn tokens_tenants_and_quotas() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let token = store.create_token("alice", false).await.expect("token");
+    let admin = store.create_token("ops", true).await.expect("token");
+    assert_eq!(
+        store.token_owner(&token).await.expect("owner"),
+        Some(("alice".into(), false))
+    );
+    assert_eq!(
+        store.token_owner(&admin).await.expect("owner"),
+        Some(("ops".into(), true))
+    );
+    assert_eq!(store.token_owner("farm_guess").await.expect("owner"), None);
+
+    let spec = validate(&request(5, 0)).expect("valid");
+    let (job, _) = store.submit(&spec, "alice").await.expect("submit");
+    assert!(store
+        .visible_job(job.id, Some("bob"))
+        .await
+        .expect("job")
+        .is_none());
+    assert!(store
+        .visible_job(job.id, Some("alice"))
+        .await
+        .expect("job")
+        .is_some());
+    assert!(store
+        .visible_job(job.id, None)
+        .await
+        .expect("job")
+        .is_some());
+    assert!(store
+        .list_jobs(Some("bob"), None, 10, None)
+        .await
+        .expect("list")
+        .is_empty());
+    assert_eq!(
+        store
+            .list_jobs(Some("alice"), None, 10, None)
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+
+    // Quota: 5 unfinished + 5 more > 8 is refused and writes nothing; a retried submit of a
+    // job that already exists is not counted twice.
+    let mut keyed = request(5, 0);
+    keyed.idempotency_key = "k".into();
+    let keyed = validate(&keyed).expect("valid");
+    store
+        .submit_with_quota(&keyed, "carol", Some(8))
+        .await
+        .expect("within quota");
+    let err = store
+        .submit_with_quota(&spec, "carol", Some(8))
+        .await
+        .expect_err("over quota");
+    assert!(
+        matches!(
+            err,
+            farm_coordinator::StoreError::Quota {
+                unfinished: 5,
+                requested: 5,
+                limit: 8,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let (again, created) = store
+        .submit_with_quota(&keyed, "carol", Some(8))
+        .await
+        .expect("retry");
+    assert!(!created);
+    assert_eq!(
+        store
+            .list_jobs(Some("carol"), None, 10, None)
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+    assert_eq!(again.tenant, "carol");
     db.drop_db().await;
 }

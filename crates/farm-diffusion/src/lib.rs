@@ -1,31 +1,42 @@
-//! Stable Diffusion 1.x text-to-image on [candle](https://github.com/huggingface/candle).
+//! Stable Diffusion 1.x/2.x on [candle](https://github.com/huggingface/candle).
 //!
 //! The crate reads a model folder in the diffusers layout (`model_index.json`, `unet/`,
 //! `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), builds the models from their own
-//! config files and runs the txt2img pipeline with classifier-free guidance.
+//! config files and runs the pipelines of diffusers' Stable Diffusion walkthrough with
+//! classifier-free guidance: txt2img, img2img (SDEdit), legacy inpainting and the VAE
+//! round trip ([`Mode`], [`Request`], [`StableDiffusion::generate`]). They are checked
+//! against diffusers on a tiny random model (`tests/parity.rs`).
 //!
 //! Modules:
 //! * [`config`] — parsing of the diffusers/transformers JSON configs into model configs.
 //! * [`tokenizer`] — the CLIP byte-level BPE tokenizer (`vocab.json` + `merges.txt`).
 //! * [`clip`] — the CLIP text transformer that turns token ids into text embeddings.
 //! * [`schedulers`] — PNDM (PLMS), DDIM, DPM-Solver++ 2M and Euler ancestral samplers.
-//! * [`pipeline`] — [`StableDiffusion`]: loading a model folder and running txt2img.
+//! * [`pipeline`] — [`StableDiffusion`]: loading a model folder and running the pipelines.
+//! * [`vae`] — the VAE: candle's decoder and an encoder exposing the posterior.
+//! * [`noise`] — the seeded standard-normal draws.
 //! * [`tiny`] — [`init_tiny`]: writes a tiny random-weight model with the SD 1.x architecture.
 //!
-//! The UNet and the VAE are candle-transformers' `UNet2DConditionModel` and `AutoEncoderKL`.
+//! The UNet is candle-transformers' `UNet2DConditionModel`; the VAE decoder is candle's
+//! `AutoEncoderKL`, its encoder is built in [`vae`] from candle's blocks.
 //!
 //! # Randomness
 //!
-//! All randomness is drawn on the CPU so that results do not depend on the device:
+//! All randomness is drawn on the CPU so that results do not depend on the device. Image
+//! `i` of a batch uses the seed `s = seed + i` (wrapping), so batches do not change images.
+//! Per image there are exactly two standard-normal draws, plus Euler ancestral's per-step
+//! noise; each is `rand_chacha::ChaCha8Rng::seed_from_u64(s)` on its own stream, sampling
+//! `rand_distr::StandardNormal` as `f32`, one value at a time, in row-major order of a
+//! `[1, C, H/f, W/f]` latent tensor (`f` = the VAE scale factor, 8 for SD 1.x), then moved
+//! to the device and cast to the model dtype:
 //!
-//! * **Initial latents**: `rand_chacha::ChaCha8Rng::seed_from_u64(seed)` (stream 0), sampling
-//!   `rand_distr::StandardNormal` as `f32`, one value at a time, in row-major order of the
-//!   `[1, C, H/f, W/f]` latent tensor (`f` = the VAE scale factor, 8 for SD 1.x). The tensor
-//!   is then moved to the device, cast to the model dtype, and multiplied by the scheduler's
-//!   `init_noise_sigma`.
-//! * **Euler ancestral per-step noise**: a second generator
-//!   `ChaCha8Rng::seed_from_u64(seed)` with `set_stream(1)`, sampled the same way, one full
-//!   latent-shaped tensor per step.
+//! * **`noise`** (stream 0): txt2img's initial latents (times the scheduler's
+//!   `init_noise_sigma`); for img2img and inpaint, the noise added to the encoded image.
+//! * **Euler ancestral per-step noise** (stream 1): one latent-shaped draw per step.
+//! * **`vae_noise`** (stream 2): the posterior draw `mean + std * vae_noise` whenever an
+//!   image is encoded (img2img, inpaint, reconstruct).
+//!
+//! `noise` and `vae_noise` may be supplied by the caller instead ([`Request::noise`]).
 //! * **[`init_tiny`] weights**: `ChaCha8Rng::seed_from_u64(seed)` with one stream per model
 //!   (UNet 1, VAE 2, text encoder 3), variables filled in lexicographic order of their names.
 //!
@@ -34,10 +45,12 @@ use std::str::FromStr;
 
 pub mod clip;
 pub mod config;
+pub mod noise;
 pub mod pipeline;
 pub mod schedulers;
 pub mod tiny;
 pub mod tokenizer;
+pub mod vae;
 
 pub use candle_core::{DType, Device};
 pub use pipeline::StableDiffusion;
@@ -141,6 +154,142 @@ pub struct Txt2Img {
     pub guidance_scale: f64,
     pub scheduler: SchedulerKind,
     pub seed: u64,
+}
+
+/// What a [`Request`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Mode {
+    /// Text to image from pure noise.
+    #[default]
+    Txt2Img,
+    /// SDEdit: noise the encoded init image to `strength` and denoise it with the prompt.
+    Img2Img,
+    /// Legacy inpainting: like img2img, but the mask's black region is kept from the init
+    /// image after every step (white = repaint).
+    Inpaint,
+    /// VAE round trip: encode the init image, draw from the posterior, decode.
+    Reconstruct,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [
+        Mode::Txt2Img,
+        Mode::Img2Img,
+        Mode::Inpaint,
+        Mode::Reconstruct,
+    ];
+
+    /// `"txt2img"`, `"img2img"`, `"inpaint"` or `"reconstruct"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Txt2Img => "txt2img",
+            Mode::Img2Img => "img2img",
+            Mode::Inpaint => "inpaint",
+            Mode::Reconstruct => "reconstruct",
+        }
+    }
+
+    /// Whether the mode starts from an init image.
+    pub fn needs_init_image(&self) -> bool {
+        !matches!(self, Mode::Txt2Img)
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = DiffusionError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                DiffusionError::InvalidInput(format!(
+                    "unknown mode {s:?}; expected one of txt2img, img2img, inpaint, reconstruct"
+                ))
+            })
+    }
+}
+
+/// A request for any pipeline, for one image or a batch.
+///
+/// Image `i` of the batch uses seed `seed + i` (wrapping) for all of its randomness, so a
+/// batch gives the same images as the same seeds run one by one.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub mode: Mode,
+    pub prompt: String,
+    /// The unconditional text for classifier-free guidance; empty string for none.
+    pub negative_prompt: String,
+    /// Pixels; a multiple of 8. With an init image it must equal the image's width.
+    pub width: usize,
+    /// Pixels; a multiple of 8. With an init image it must equal the image's height.
+    pub height: usize,
+    /// Inference steps of the schedule (img2img/inpaint run `int(steps * strength)` of them).
+    pub steps: usize,
+    /// Classifier-free guidance scale; `<= 1` disables the unconditional pass.
+    pub guidance_scale: f64,
+    pub scheduler: SchedulerKind,
+    pub seed: u64,
+    /// Images in the batch, `1..=`[`pipeline::MAX_BATCH`].
+    pub num_images: usize,
+    /// img2img/inpaint: how much of the schedule to run, in `[0, 1]`.
+    pub strength: f64,
+    /// img2img, inpaint and reconstruct: the image to start from.
+    pub init_image: Option<RgbImage>,
+    /// inpaint: white = repaint, black = keep (converted to luma). Another size is resized
+    /// when its aspect ratio matches the init image's.
+    pub mask: Option<RgbImage>,
+    /// Instead of the seeds' draws: `noise`, `[num_images, C, H/f, W/f]` (any float dtype,
+    /// any device), like diffusers' `latents=` (txt2img multiplies it by
+    /// `init_noise_sigma`).
+    pub noise: Option<candle_core::Tensor>,
+    /// Instead of the seeds' draws: the posterior noise, same shape as `noise`.
+    pub vae_noise: Option<candle_core::Tensor>,
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Txt2Img,
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            width: 512,
+            height: 512,
+            steps: 50,
+            guidance_scale: 7.5,
+            scheduler: SchedulerKind::Pndm,
+            seed: 0,
+            num_images: 1,
+            strength: 0.8,
+            init_image: None,
+            mask: None,
+            noise: None,
+            vae_noise: None,
+        }
+    }
+}
+
+impl From<&Txt2Img> for Request {
+    fn from(t: &Txt2Img) -> Self {
+        Self {
+            mode: Mode::Txt2Img,
+            prompt: t.prompt.clone(),
+            negative_prompt: t.negative_prompt.clone(),
+            width: t.width,
+            height: t.height,
+            steps: t.steps,
+            guidance_scale: t.guidance_scale,
+            scheduler: t.scheduler,
+            seed: t.seed,
+            ..Default::default()
+        }
+    }
 }
 
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.

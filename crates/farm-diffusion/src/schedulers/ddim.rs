@@ -81,4 +81,9 @@ impl Scheduler for Ddim {
         // eta = 0: no variance term.
         lin2(&x0, a_prev.sqrt(), &eps, (1.0 - a_prev).sqrt())
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.common
+            .add_noise_at(original, noise, self.timesteps[index])
+    }
 }

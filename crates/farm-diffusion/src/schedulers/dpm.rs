@@ -132,4 +132,9 @@ impl Scheduler for DpmSolverMultistep {
         }
         Ok(prev)
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let (alpha, sigma) = alpha_sigma(self.sigmas[index]);
+        lin2(original, alpha, noise, sigma)
+    }
 }

@@ -3,7 +3,7 @@
 //! Model input is scaled by `(sigma^2 + 1)^-0.5`; `init_noise_sigma` is the largest sigma
 //! (or `sqrt(max^2 + 1)` for `"leading"` spacing). Each step adds fresh noise drawn from
 //! `ChaCha8Rng::seed_from_u64(seed)` on stream 1, sampled on the CPU as `f32` in row-major
-//! order.
+//! order; in a batch, image `i` draws from its own seed's generator.
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -19,11 +19,12 @@ pub struct EulerAncestral {
     /// One per timestep, then a final 0.
     sigmas: Vec<f64>,
     init_noise_sigma: f64,
-    rng: ChaCha8Rng,
+    /// One generator per image of the batch.
+    rngs: Vec<ChaCha8Rng>,
 }
 
 impl EulerAncestral {
-    pub fn new(cfg: &SchedulerConfig, steps: usize, seed: u64) -> Self {
+    pub fn new(cfg: &SchedulerConfig, steps: usize, seeds: &[u64]) -> Self {
         let common = Common::new(cfg, TimestepSpacing::Linspace);
         let n = common.num_train_timesteps;
         let timesteps: Vec<f64> = match common.spacing {
@@ -67,14 +68,20 @@ impl EulerAncestral {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
             TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
         };
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(1);
+        let rngs = seeds
+            .iter()
+            .map(|&seed| {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(1);
+                rng
+            })
+            .collect();
         Self {
             common,
             timesteps,
             sigmas,
             init_noise_sigma,
-            rng,
+            rngs,
         }
     }
 }
@@ -112,12 +119,30 @@ impl Scheduler for EulerAncestral {
         let derivative = ((sample - &x0)? / sigma)?;
         let prev = (sample + (derivative * (sigma_down - sigma))?)?;
         let shape = sample.shape().clone();
-        let noise: Vec<f32> = (0..shape.elem_count())
-            .map(|_| self.rng.sample::<f32, _>(StandardNormal))
+        let batch = shape.dims().first().copied().unwrap_or(1);
+        if batch != self.rngs.len() {
+            return Err(crate::DiffusionError::InvalidInput(format!(
+                "euler-a: batch of {batch} samples but {} seeds",
+                self.rngs.len()
+            )));
+        }
+        let per_image = shape.elem_count() / batch.max(1);
+        let noise: Vec<f32> = self
+            .rngs
+            .iter_mut()
+            .flat_map(|rng| {
+                (0..per_image)
+                    .map(|_| rng.sample::<f32, _>(StandardNormal))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let noise = Tensor::from_vec(noise, shape, &Device::Cpu)?
             .to_device(sample.device())?
             .to_dtype(sample.dtype())?;
         Ok((prev + (noise * sigma_up)?)?)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        Ok((original + (noise * self.sigmas[index])?)?)
     }
 }

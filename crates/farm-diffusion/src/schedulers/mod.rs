@@ -31,6 +31,10 @@ pub trait Scheduler: Send {
     }
     /// Computes the sample of the next step from the model output at step `index`.
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor) -> Result<Tensor>;
+    /// Noises a clean sample to the noise level of step `index` (diffusers' `add_noise` at
+    /// `timesteps[index]`): `sqrt(a) x0 + sqrt(1 - a) noise` for the DDPM-style samplers,
+    /// `x0 + sigma noise` for Euler ancestral.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor>;
 }
 
 /// Builds the scheduler of `kind` for `steps` inference steps. `seed` feeds the per-step
@@ -41,6 +45,22 @@ pub fn build(
     steps: usize,
     seed: u64,
 ) -> Result<Box<dyn Scheduler>> {
+    build_batch(kind, cfg, steps, &[seed])
+}
+
+/// Like [`build`] for a batch: image `i` of the batch draws its ancestral noise from
+/// `seeds[i]`, so every image is the same as when run alone.
+pub fn build_batch(
+    kind: SchedulerKind,
+    cfg: &SchedulerConfig,
+    steps: usize,
+    seeds: &[u64],
+) -> Result<Box<dyn Scheduler>> {
+    if seeds.is_empty() {
+        return Err(DiffusionError::InvalidInput(
+            "a batch needs at least one seed".into(),
+        ));
+    }
     let train = cfg.num_train_timesteps.unwrap_or(1000);
     if steps == 0 || steps >= train {
         return Err(DiffusionError::InvalidInput(format!(
@@ -52,7 +72,7 @@ pub fn build(
         SchedulerKind::Pndm => Box::new(pndm::Pndm::new(cfg, steps)),
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(cfg, steps)),
         SchedulerKind::DpmSolverMultistep => Box::new(dpm::DpmSolverMultistep::new(cfg, steps)),
-        SchedulerKind::EulerAncestral => Box::new(euler_a::EulerAncestral::new(cfg, steps, seed)),
+        SchedulerKind::EulerAncestral => Box::new(euler_a::EulerAncestral::new(cfg, steps, seeds)),
     };
     Ok(scheduler)
 }
@@ -105,6 +125,12 @@ impl Common {
         }
         let i = usize::try_from(t).unwrap_or(usize::MAX);
         self.alphas_cumprod[i.min(self.alphas_cumprod.len() - 1)]
+    }
+
+    /// `sqrt(a) * x0 + sqrt(1 - a) * noise` with `a = alphas_cumprod[t]`.
+    pub fn add_noise_at(&self, original: &Tensor, noise: &Tensor, t: f64) -> Result<Tensor> {
+        let a = self.alpha_prod(t as i64, 1.0);
+        lin2(original, a.sqrt(), noise, (1.0 - a).sqrt())
     }
 
     /// Integer timesteps used by PNDM and DDIM, in ascending order (diffusers'

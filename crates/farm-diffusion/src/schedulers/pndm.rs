@@ -103,4 +103,9 @@ impl Scheduler for Pndm {
         self.counter += 1;
         Ok(prev)
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.common
+            .add_noise_at(original, noise, self.timesteps[index])
+    }
 }
