@@ -1,5 +1,6 @@
 //! `farm`: the one binary of the render farm.
 
+mod chaos;
 mod client;
 mod demo;
 mod grid;
@@ -112,6 +113,8 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         workers: usize,
     },
+    /// Kill workers, Redis and the coordinator while a job runs; check nothing was lost.
+    Chaos(chaos::ChaosArgs),
     /// Run `dev`, render the walkthrough's four prompts and write them with a grid.
     Demo(demo::DemoArgs),
     /// Submit a job.
@@ -331,6 +334,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(&settings, args).await,
+        Command::Chaos(args) => chaos::run(&settings, args).await,
         Command::Submit(args) => client::submit(&settings, args).await,
         Command::Status { job, json } => client::status(&settings, &job, json).await,
         Command::Watch { job } => client::watch_cmd(&settings, &job).await,

@@ -84,6 +84,9 @@ pub(crate) struct Shared {
     pub updates: broadcast::Sender<Update>,
     /// Wakes the dispatcher early (a job was submitted, a task finished).
     pub dispatch_now: Notify,
+    /// Set once the ingester has applied the events that waited while this coordinator was
+    /// down; until then the reaper holds off, so heartbeats that arrived meanwhile count.
+    pub caught_up: std::sync::atomic::AtomicBool,
 }
 
 /// Connects to Postgres (creating the database and applying migrations), Redis and storage,
@@ -94,6 +97,11 @@ pub async fn connect_store(database_url: &str) -> anyhow::Result<Store> {
             "cannot use Postgres at {database_url}; start it (e.g. `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`) or set FARM_DATABASE_URL"
         )
     })
+}
+
+/// Drops the database `database_url` names (for tests and `farm chaos`).
+pub async fn drop_database(database_url: &str) -> anyhow::Result<()> {
+    Store::drop_database(database_url).await.map_err(Into::into)
 }
 
 pub async fn connect_queue(redis_url: &str, prefix: &str) -> anyhow::Result<Queue> {
@@ -176,6 +184,7 @@ pub async fn bind(config: CoordinatorConfig) -> anyhow::Result<Bound> {
         config,
         updates,
         dispatch_now: Notify::new(),
+        caught_up: std::sync::atomic::AtomicBool::new(false),
     });
     let bound = Bound { shared, grpc, http };
     tracing::info!(grpc = %bound.grpc_addr(), http = %bound.http_addr(), id = %bound.shared.config.id, "coordinator listening");

@@ -113,6 +113,7 @@ pub(crate) async fn ingester(
     let consumer = shared.config.id.clone();
     // First the events this consumer was handed before a restart but never acknowledged.
     let mut pending = true;
+    let mut drained = false;
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
@@ -129,8 +130,18 @@ pub(crate) async fn ingester(
                 continue;
             }
         };
+        if !pending && batch.len() < EVENT_BATCH {
+            // A short read of new events: the backlog that waited in the stream is applied
+            // once this batch is.
+            drained = true;
+        }
         if batch.is_empty() {
             pending = false;
+            if drained {
+                shared
+                    .caught_up
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             continue;
         }
         let mut ids = Vec::with_capacity(batch.len());
@@ -200,6 +211,11 @@ pub(crate) async fn ingester(
             // Applying twice is harmless (fencing); the events come back after a restart.
             tracing::warn!(error = %e, "acknowledging events failed");
         }
+        if drained {
+            shared
+                .caught_up
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         shared.dispatch_now.notify_one();
     }
 }
@@ -210,6 +226,26 @@ pub(crate) async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) -> 
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(REAP_TICK) => {}
+        }
+        if !shared.caught_up.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
+        }
+        match shared.queue.server_identity().await {
+            Ok((run_id, uptime)) => match shared.store.note_redis_run_id(&run_id, uptime).await {
+                Ok(Some(n)) => {
+                    tracing::warn!(
+                        requeued = n,
+                        "Redis restarted and lost its streams; queued tasks requeued"
+                    );
+                    if let Err(e) = shared.queue.ensure_groups().await {
+                        tracing::warn!(error = %e, "recreating consumer groups failed");
+                    }
+                    shared.dispatch_now.notify_one();
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "recording the Redis run id failed"),
+            },
+            Err(e) => tracing::debug!(error = %e, "Redis unreachable"),
         }
         match shared.store.reap_expired(1000).await {
             Ok(reaped) if reaped.is_empty() => {}

@@ -206,6 +206,31 @@ impl Store {
         Ok(store)
     }
 
+    /// Drops the database `url` names, disconnecting its sessions.
+    pub async fn drop_database(url: &str) -> Result<()> {
+        let connect_err = |source| StoreError::Connect {
+            url: url.to_string(),
+            source,
+        };
+        let options = PgConnectOptions::from_str(url).map_err(connect_err)?;
+        let database = options
+            .get_database()
+            .unwrap_or_default()
+            .replace('"', "\"\"");
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.database("postgres"))
+            .await
+            .map_err(connect_err)?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+        ))
+        .execute(&admin)
+        .await?;
+        admin.close().await;
+        Ok(())
+    }
+
     pub async fn migrate(&self) -> Result<()> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
@@ -800,6 +825,45 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Records that the queue is now served by Redis `run_id`. When that differs from the
+    /// run_id recorded before, Redis restarted and lost its streams: every task queued before
+    /// the new server started (`uptime_secs` ago) goes back to `pending`. Returns how many, or
+    /// `None` when nothing changed. Only one coordinator wins the update, so only it requeues.
+    pub async fn note_redis_run_id(&self, run_id: &str, uptime_secs: u64) -> Result<Option<u64>> {
+        let mut tx = self.pool.begin().await?;
+        let previous: Option<String> = sqlx::query_scalar(
+            "INSERT INTO coordinator_state (key, value) VALUES ('redis_run_id', $1)
+             ON CONFLICT (key) DO UPDATE SET value = $1, at = now()
+                 WHERE coordinator_state.value <> $1
+             RETURNING (SELECT value FROM coordinator_state WHERE key = 'redis_run_id')",
+        )
+        .bind(run_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .flatten();
+        let Some(previous) = previous else {
+            // First sighting (nothing to compare) or unchanged.
+            tx.commit().await?;
+            return Ok(None);
+        };
+        if previous == run_id {
+            tx.commit().await?;
+            return Ok(None);
+        }
+        let requeued = sqlx::query(
+            "UPDATE tasks SET status = 'pending', lease_deadline = NULL, stream_id = NULL,
+                    error = format('attempt %s: lost when Redis restarted', attempt),
+                    updated_at = clock_timestamp()
+             WHERE status = 'queued' AND queued_at < now() - make_interval(secs => $1)",
+        )
+        .bind(uptime_secs as f64)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(Some(requeued))
     }
 
     /// Creates an API token for `tenant` and returns it; only its SHA-256 is stored.

@@ -395,3 +395,39 @@ async fn tokens_tenants_and_quotas() {
     assert_eq!(again.tenant, "carol");
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_new_redis_run_id_requeues_what_the_old_redis_held() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let (job, _) = store
+        .submit(&validate(&request(3, 0)).expect("valid"), DEFAULT_TENANT)
+        .await
+        .expect("submit");
+    assert_eq!(
+        store.note_redis_run_id("run-a", 100).await.expect("note"),
+        None
+    );
+    let claimed = store.claim_for_dispatch(2, LEASE).await.expect("claim");
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(
+        store.note_redis_run_id("run-a", 101).await.expect("note"),
+        None
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Redis restarted: both queued tasks were in the lost stream.
+    assert_eq!(
+        store.note_redis_run_id("run-b", 0).await.expect("note"),
+        Some(2)
+    );
+    assert_eq!(
+        store.note_redis_run_id("run-b", 1).await.expect("note"),
+        None
+    );
+    let tasks = store.tasks(job.id).await.expect("tasks");
+    assert!(tasks.iter().all(|t| t.status == TaskStatus::Pending));
+    // The next dispatch is a new attempt, so anything from the old one is fenced off.
+    let again = store.claim_for_dispatch(3, LEASE).await.expect("claim");
+    assert_eq!(again.iter().filter(|c| c.attempt == Attempt(2)).count(), 2);
+    db.drop_db().await;
+}

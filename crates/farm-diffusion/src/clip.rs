@@ -89,7 +89,7 @@ impl Layer {
 }
 
 /// CLIP text encoder. Build it with a `VarBuilder` rooted at the checkpoint (the
-/// `text_model.` prefix is added here).
+/// `text_model.` prefix is added here when the checkpoint uses it).
 pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Embedding,
@@ -100,7 +100,15 @@ pub struct ClipTextModel {
 
 impl ClipTextModel {
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> candle_core::Result<Self> {
-        let vb = vb.pp("text_model");
+        // transformers writes `text_model.`-prefixed names; recent versions (5.x) save the
+        // text model's own names without the prefix. Both load.
+        let vb = if !vb.contains_tensor("text_model.embeddings.token_embedding.weight")
+            && vb.contains_tensor("embeddings.token_embedding.weight")
+        {
+            vb
+        } else {
+            vb.pp("text_model")
+        };
         let emb = vb.pp("embeddings");
         let token_embedding =
             embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;

@@ -45,6 +45,8 @@ use std::str::FromStr;
 
 pub mod clip;
 pub mod config;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod noise;
 pub mod pipeline;
 pub mod schedulers;
@@ -53,6 +55,8 @@ pub mod tokenizer;
 pub mod vae;
 
 pub use candle_core::{DType, Device};
+/// candle's tensor crate, for callers that pass noise tensors or read safetensors files.
+pub use candle_core;
 pub use pipeline::StableDiffusion;
 pub use tiny::init_tiny;
 

@@ -141,16 +141,36 @@ impl Vae {
 
     /// The posterior of images `[b, 3, H, W]` in `[-1, 1]`.
     pub fn encode(&self, x: &Tensor) -> candle_core::Result<Posterior> {
-        let params = self.encoder.forward(x)?;
+        let params = per_image(x, |x| self.encoder.forward(x))?;
         let latent = self.config.candle.latent_channels;
-        let mean = params.narrow(1, 0, latent)?;
-        let logvar = params.narrow(1, latent, latent)?.clamp(-30f32, 20f32)?;
+        let mean = params.narrow(1, 0, latent)?.contiguous()?;
+        let logvar = params
+            .narrow(1, latent, latent)?
+            .contiguous()?
+            .clamp(-30f32, 20f32)?;
         let std = (logvar * 0.5)?.exp()?;
         Ok(Posterior { mean, std })
     }
 
     /// Unscaled latents `[b, latent, h, w]` -> images `[b, 3, H, W]` (about `[-1, 1]`).
     pub fn decode(&self, z: &Tensor) -> candle_core::Result<Tensor> {
-        self.decoder.decode(z)
+        per_image(z, |z| self.decoder.decode(z))
     }
+}
+
+/// Runs `f` on each image of a batch separately and stacks the results. candle's VAE
+/// attention block (`AttentionBlock`, one head) mixes the images of a batch of more than one
+/// (candle-transformers 0.11.1), so the VAE only ever sees batches of one.
+fn per_image(
+    x: &Tensor,
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let n = x.dim(0)?;
+    if n == 1 {
+        return f(x);
+    }
+    let parts = (0..n)
+        .map(|i| f(&x.narrow(0, i, 1)?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
 }

@@ -56,7 +56,11 @@ fn read_png(path: &Path) -> RgbImage {
 }
 
 fn psnr(a: &RgbImage, b: &RgbImage) -> f64 {
-    assert_eq!((a.width, a.height), (b.width, b.height), "image sizes differ");
+    assert_eq!(
+        (a.width, a.height),
+        (b.width, b.height),
+        "image sizes differ"
+    );
     let mse = a
         .pixels
         .iter()
@@ -100,13 +104,17 @@ fn request(case: &Value) -> Request {
     }
 }
 
-fn check_case(name: &str) {
-    let case = cases()["cases"]
+fn find_case(name: &str) -> &'static Value {
+    cases()["cases"]
         .as_array()
         .expect("cases")
         .iter()
         .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name}"));
+        .unwrap_or_else(|| panic!("no case {name}"))
+}
+
+fn check_case(name: &str) {
+    let case = find_case(name);
     let req = request(case);
     let images = model().generate(&req, &mut |_, _| true).expect("generate");
     let expected = case["expected"].as_array().expect("expected");
@@ -137,6 +145,38 @@ parity!(
     inpaint_ddim,
     reconstruct,
 );
+
+/// The threshold is meaningful: one step fewer, or another scheduler, falls below it.
+#[test]
+fn parity_detects_wrong_settings() {
+    let case = find_case("txt2img_pndm");
+    let want = read_png(&dir().join(case["expected"][0].as_str().expect("file")));
+    let base = request(case);
+    for (what, req) in [
+        (
+            "one step fewer",
+            Request {
+                steps: base.steps - 1,
+                ..base.clone()
+            },
+        ),
+        (
+            "ddim instead of pndm",
+            Request {
+                scheduler: SchedulerKind::Ddim,
+                ..base.clone()
+            },
+        ),
+    ] {
+        let got = model().generate(&req, &mut |_, _| true).expect("generate");
+        let p = psnr(&got[0], &want);
+        eprintln!("parity negative control ({what}): PSNR {p:.2} dB");
+        assert!(
+            p < MIN_PSNR,
+            "{what}: PSNR {p:.2} dB should be below {MIN_PSNR}"
+        );
+    }
+}
 
 #[test]
 fn text_embeddings_match_transformers() {
@@ -194,7 +234,10 @@ fn batch_of_four_equals_single_runs() {
             eprintln!("batch invariance {mode} image {i}: PSNR {p:.2} dB");
             assert!(p >= MIN_PSNR, "{mode} image {i}: PSNR {p:.2} dB");
         }
-        assert_ne!(batch[0].pixels, batch[1].pixels, "{mode}: seeds must differ");
+        assert_ne!(
+            batch[0].pixels, batch[1].pixels,
+            "{mode}: seeds must differ"
+        );
     }
 }
 
@@ -280,7 +323,10 @@ fn missing_model_file_names_the_file() {
     std::fs::remove_file(copy.join("unet/diffusion_pytorch_model.safetensors")).expect("rm");
     match StableDiffusion::load(&copy, &Device::Cpu, DType::F32) {
         Err(DiffusionError::Model { path, message }) => {
-            assert!(path.ends_with("unet/diffusion_pytorch_model.safetensors"), "{path}");
+            assert!(
+                path.ends_with("unet/diffusion_pytorch_model.safetensors"),
+                "{path}"
+            );
             assert!(message.contains("missing"), "{message}");
         }
         Err(e) => panic!("unexpected error {e}"),
@@ -292,8 +338,9 @@ fn missing_model_file_names_the_file() {
 #[test]
 fn separate_vae_folder() {
     let vae = dir().join("model/vae");
-    let m = StableDiffusion::load_with_vae(&dir().join("model"), Some(&vae), &Device::Cpu, DType::F32)
-        .expect("load with vae");
+    let m =
+        StableDiffusion::load_with_vae(&dir().join("model"), Some(&vae), &Device::Cpu, DType::F32)
+            .expect("load with vae");
     let req = Request {
         mode: Mode::Reconstruct,
         width: 64,

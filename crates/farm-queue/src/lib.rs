@@ -396,6 +396,27 @@ impl Queue {
         conn.xlen(self.keys.tasks()).await.map_err(|e| self.err(e))
     }
 
+    /// The Redis server's `run_id` (new at every restart) and its uptime in seconds.
+    pub async fn server_identity(&self) -> Result<(String, u64), QueueError> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+                .map(String::from)
+        };
+        let run_id = field("run_id").unwrap_or_default();
+        let uptime = field("uptime_in_seconds")
+            .and_then(|u| u.parse().ok())
+            .unwrap_or(0);
+        Ok((run_id, uptime))
+    }
+
     pub async fn ping(&self) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
         redis::cmd("PING")

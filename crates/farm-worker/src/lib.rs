@@ -24,8 +24,8 @@ use tracing::Instrument;
 
 pub use models::{ModelCache, ModelError};
 
-const HEARTBEAT: Duration = Duration::from_secs(3);
-const CANCEL_POLL: Duration = Duration::from_millis(500);
+const HEARTBEAT: Duration = Duration::from_secs(2);
+const CANCEL_POLL: Duration = Duration::from_millis(200);
 /// At most this many progress events per second per task.
 const PROGRESS_PER_SEC: u32 = 4;
 const UPLOAD_TRIES: u32 = 5;
