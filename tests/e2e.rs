@@ -73,12 +73,22 @@ impl Drop for Proc {
 /// One S3 server (moto) with one bucket.
 struct S3 {
     port: u16,
-    _proc: Proc,
+    proc: Option<Proc>,
 }
 
 impl S3 {
     fn start() -> S3 {
-        let port = free_port();
+        let mut s3 = S3 {
+            port: free_port(),
+            proc: None,
+        };
+        s3.up();
+        s3
+    }
+
+    /// Starts the server (again, empty) on its port and creates the bucket.
+    fn up(&mut self) {
+        let port = self.port;
         let server = std::env::var("FARM_TEST_S3_SERVER").unwrap_or_else(|_| "moto_server".into());
         let child = Command::new(&server)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -86,10 +96,7 @@ impl S3 {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {server} (pip install 'moto[server]'): {e}"));
-        let s3 = S3 {
-            port,
-            _proc: Proc(child),
-        };
+        self.proc = Some(Proc(child));
         wait_for_port(port, "moto_server");
         // Create the bucket: a plain PUT, which moto accepts unsigned.
         let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect to S3");
@@ -104,7 +111,10 @@ impl S3 {
             reply.starts_with("HTTP/1.1 200"),
             "bucket creation failed: {reply}"
         );
-        s3
+    }
+
+    fn down(&mut self) {
+        self.proc = None;
     }
 
     fn endpoint(&self) -> String {
@@ -270,6 +280,25 @@ impl Farm {
                 }
                 Err(e) => panic!("cannot connect to the coordinator: {e}"),
             }
+        }
+    }
+
+    /// Waits until `n` workers have sent a heartbeat.
+    async fn wait_workers_online(&self, n: usize) {
+        let mut cluster = self.cluster_with(Some(&self.token)).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let workers = cluster
+                .list_workers(pb::ListWorkersRequest {})
+                .await
+                .expect("workers")
+                .into_inner()
+                .workers;
+            if workers.iter().filter(|w| w.online).count() >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "workers never came online");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -696,4 +725,134 @@ async fn tenants_are_kept_apart_and_tokens_required() {
         .expect("cancel")
         .into_inner();
     assert_eq!(cancelled.status, pb::JobStatus::Cancelled as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_models_are_refused_and_cancel_stops_a_running_task() {
+    let farm = Farm::new(1);
+    let mut client = farm.client().await;
+    let mut cluster = farm.cluster_with(Some(&farm.token)).await;
+    // The worker's first heartbeat lists the models it has.
+    farm.wait_workers_online(1).await;
+    let mut unknown = spec(&PROMPTS[..1], &[1], 2);
+    unknown.model = "sd-9000".into();
+    let err = client
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(unknown),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect_err("unknown model");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("model"), "{}", err.message());
+
+    // A long task (900 steps) is cancelled once it runs: the worker lets go of it within a
+    // step or so, long before it could have finished, and writes no image.
+    let id = submit(&mut client, spec(&PROMPTS[..1], &[1, 2], 900), "")
+        .await
+        .job
+        .expect("job")
+        .id;
+    let mut events = client
+        .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no progress from the running task"
+        );
+        if let Some(pb::JobEvent {
+            event: Some(pb::job_event::Event::Progress(p)),
+        }) = events.message().await.expect("watch stream")
+        {
+            if p.step >= 2 {
+                break;
+            }
+        }
+    }
+    let cancelled = client
+        .cancel_job(pb::CancelJobRequest { job_id: id.clone() })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(cancelled.status, pb::JobStatus::Cancelled as i32);
+    assert_eq!(cancelled.tasks_cancelled, 2);
+    let cancelled_at = Instant::now();
+    loop {
+        let workers = cluster
+            .list_workers(pb::ListWorkersRequest {})
+            .await
+            .expect("workers")
+            .into_inner()
+            .workers;
+        if workers.iter().all(|w| w.running == 0) {
+            break;
+        }
+        assert!(
+            cancelled_at.elapsed() < Duration::from_secs(10),
+            "the worker kept rendering a cancelled task"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = client
+        .get_job(pb::GetJobRequest {
+            job_id: id,
+            include_tasks: true,
+        })
+        .await
+        .expect("job")
+        .into_inner();
+    assert!(job
+        .tasks
+        .iter()
+        .all(|t| t.status == pb::TaskStatus::Cancelled as i32 && t.object_key.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_survive_storage_downtime_and_never_succeed_without_an_object() {
+    let mut farm = Farm::new(1);
+    let mut client = farm.client().await;
+    farm.wait_workers_online(1).await;
+    farm.s3.down();
+    let mut job_spec = spec(&PROMPTS[..1], &[7, 8], 2);
+    job_spec.max_attempts = 10;
+    let id = submit(&mut client, job_spec, "").await.job.expect("job").id;
+
+    // While storage is down nothing may be recorded as succeeded; failed uploads are retried
+    // and their attempts requeued.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = client
+            .get_job(pb::GetJobRequest {
+                job_id: id.clone(),
+                include_tasks: true,
+            })
+            .await
+            .expect("job")
+            .into_inner();
+        assert_eq!(job.tasks_succeeded, 0, "succeeded without storage: {job:?}");
+        if job
+            .tasks
+            .iter()
+            .any(|t| t.attempts >= 2 && t.error.contains("upload"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failed upload was requeued: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    farm.s3.up();
+    let job = wait_done(&farm, &id, Duration::from_secs(120)).await;
+    assert_eq!(job.status, pb::JobStatus::Succeeded as i32, "{job:?}");
+    let store = farm.s3.store();
+    for task in &job.tasks {
+        let bytes = object(&*store, &task.object_key).await;
+        assert_eq!(hex::encode(Sha256::digest(&bytes)), task.sha256);
+    }
 }

@@ -4,6 +4,7 @@ mod chaos;
 mod client;
 mod demo;
 mod grid;
+mod local;
 mod output;
 
 use std::net::SocketAddr;
@@ -160,6 +161,10 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Render locally in this process (no services): txt2img, img2img, inpaint, reconstruct.
+    Generate(local::GenerateArgs),
+    /// Write a prompt's token ids and text embeddings to a safetensors file.
+    Embed(local::EmbedArgs),
     /// Model folders.
     Model {
         #[command(subcommand)]
@@ -198,6 +203,13 @@ enum ModelCommand {
         dir: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Download a diffusers-layout model (safetensors only) into FARM_MODELS.
+    Pull {
+        /// e.g. stable-diffusion-v1-5/stable-diffusion-v1-5
+        repo: String,
+        #[arg(long)]
+        revision: Option<String>,
     },
 }
 
@@ -363,6 +375,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", store.create_token(tenant, admin).await?);
             Ok(())
         }
+        Command::Generate(args) => local::generate(args, settings.models.clone()).await,
+        Command::Embed(args) => local::embed(args, settings.models.clone()).await,
+        Command::Model {
+            command: ModelCommand::Pull { repo, revision },
+        } => local::pull(repo, revision, settings.models.clone()).await,
         Command::Model {
             command: ModelCommand::InitTiny { dir, seed },
         } => {

@@ -128,6 +128,19 @@ impl JobService for Api {
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
         let spec = validate(&request_from_pb(spec, req.idempotency_key))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self
+            .shared
+            .store
+            .model_available(&spec.model)
+            .await
+            .map_err(store_status)?
+            == Some(false)
+        {
+            return Err(Status::not_found(format!(
+                "model: no online worker has a model folder named {:?}",
+                spec.model
+            )));
+        }
         let (job, created) = self
             .shared
             .store

@@ -566,6 +566,22 @@ impl Store {
             .collect()
     }
 
+    /// Whether an online worker can load `model`: `None` when no worker is online (nobody to
+    /// ask), else whether any of them has the folder.
+    pub async fn model_available(&self, model: &str) -> Result<Option<bool>> {
+        let row = sqlx::query(
+            "SELECT count(*) AS online, count(*) FILTER (WHERE $1 = ANY(available)) AS having
+             FROM workers WHERE last_seen > now() - make_interval(secs => $2)",
+        )
+        .bind(model)
+        .bind(WORKER_ONLINE_SECS as f64)
+        .fetch_one(&self.pool)
+        .await?;
+        let online: i64 = row.try_get("online")?;
+        let having: i64 = row.try_get("having")?;
+        Ok((online > 0).then_some(having > 0))
+    }
+
     /// (slots of online workers, tasks queued, tasks running).
     pub async fn capacity(&self) -> Result<(u64, u64, u64)> {
         let slots: i64 = sqlx::query_scalar(
@@ -799,7 +815,7 @@ impl Store {
 
     pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
         let rows = sqlx::query(
-            "SELECT id, hostname, device, concurrency, running, models, tasks_done, tasks_failed,
+            "SELECT id, hostname, device, concurrency, running, models, available, tasks_done, tasks_failed,
                     last_seen, last_seen > now() - make_interval(secs => $1) AS online
              FROM workers ORDER BY id",
         )
@@ -815,6 +831,7 @@ impl Store {
                         device: r.try_get("device")?,
                         concurrency: r.try_get::<i32, _>("concurrency")? as u32,
                         models: r.try_get("models")?,
+                        available: r.try_get("available")?,
                         running: Vec::new(),
                         tasks_done: r.try_get::<i64, _>("tasks_done")? as u64,
                         tasks_failed: r.try_get::<i64, _>("tasks_failed")? as u64,
@@ -921,10 +938,10 @@ impl Store {
 
 async fn upsert_worker(tx: &mut Transaction<'_, Postgres>, info: &WorkerInfo) -> Result<()> {
     sqlx::query(
-        "INSERT INTO workers (id, hostname, device, concurrency, running, models, last_seen)
-         VALUES ($1, $2, $3, $4, $5, $6, now())
+        "INSERT INTO workers (id, hostname, device, concurrency, running, models, available, last_seen)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now())
          ON CONFLICT (id) DO UPDATE SET hostname = $2, device = $3, concurrency = $4,
-                running = $5, models = $6, last_seen = now()",
+                running = $5, models = $6, available = $7, last_seen = now()",
     )
     .bind(&info.worker.0)
     .bind(&info.hostname)
@@ -932,6 +949,7 @@ async fn upsert_worker(tx: &mut Transaction<'_, Postgres>, info: &WorkerInfo) ->
     .bind(info.concurrency as i32)
     .bind(info.running.len() as i32)
     .bind(&info.models)
+    .bind(&info.available)
     .execute(&mut **tx)
     .await?;
     Ok(())

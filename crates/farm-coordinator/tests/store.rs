@@ -62,6 +62,7 @@ async fn heartbeat(store: &Store, slots: u32) {
         device: "cpu".into(),
         concurrency: slots,
         models: vec![],
+        available: vec!["tiny".into()],
         running: vec![],
         tasks_done: 0,
         tasks_failed: 0,

@@ -138,7 +138,9 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let plan = plan(&files)?;
-        assert!(plan.iter().all(|(s, _)| !s.ends_with(".bin") && !s.ends_with(".ckpt")));
+        assert!(plan
+            .iter()
+            .all(|(s, _)| !s.ends_with(".bin") && !s.ends_with(".ckpt")));
         assert!(plan.contains(&(
             "unet/diffusion_pytorch_model.fp16.safetensors".into(),
             "unet/diffusion_pytorch_model.safetensors".into()

@@ -18,6 +18,9 @@ pub const MAX_SIDE: usize = 4096;
 /// Largest batch ([`Request::num_images`]).
 pub const MAX_BATCH: usize = 64;
 
+/// A hook run after every denoising step: `(scheduler, (step index, latents))` -> latents.
+type AfterStep<'a> = dyn FnMut(&dyn Scheduler, (usize, Tensor)) -> Result<Tensor> + 'a;
+
 /// A loaded Stable Diffusion 1.x model. Immutable after loading: share it with `Arc`.
 pub struct StableDiffusion {
     device: Device,
@@ -191,14 +194,14 @@ impl StableDiffusion {
     fn validate(&self, req: &Request) -> Result<(usize, usize, usize)> {
         let invalid = |m: String| Err(DiffusionError::InvalidInput(m));
         for (name, v) in [("width", req.width), ("height", req.height)] {
-            if v == 0 || v % 8 != 0 || v > MAX_SIDE {
+            if v == 0 || !v.is_multiple_of(8) || v > MAX_SIDE {
                 return invalid(format!(
                     "{name} must be a positive multiple of 8 up to {MAX_SIDE}, got {v}"
                 ));
             }
         }
         let f = self.vae_scale_factor();
-        if req.width % f != 0 || req.height % f != 0 {
+        if !req.width.is_multiple_of(f) || !req.height.is_multiple_of(f) {
             return invalid(format!(
                 "width and height must be multiples of the VAE scale factor {f}"
             ));
@@ -406,7 +409,7 @@ impl StableDiffusion {
         embeddings: &Tensor,
         guidance_scale: f64,
         on_step: &mut dyn FnMut(usize, usize) -> bool,
-        after_step: &mut dyn FnMut(&dyn Scheduler, (usize, Tensor)) -> Result<Tensor>,
+        after_step: &mut AfterStep<'_>,
     ) -> Result<Tensor> {
         let guided = guidance_scale > 1.0;
         let n = latents.dim(0)?;

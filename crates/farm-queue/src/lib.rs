@@ -61,7 +61,11 @@ pub struct WorkerInfo {
     pub hostname: String,
     pub device: String,
     pub concurrency: u32,
+    /// Models loaded now.
     pub models: Vec<String>,
+    /// Model folders it could load (its models root).
+    #[serde(default)]
+    pub available: Vec<String>,
     /// The tasks it is rendering now; their leases are extended.
     pub running: Vec<(TaskRef, Attempt)>,
     pub tasks_done: u64,

@@ -57,7 +57,16 @@ impl Storage {
             if bucket.is_empty() {
                 return Err(config("no bucket name; expected s3://bucket".into()));
             }
-            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            // Few quick retries inside object_store: the caller's own retry budget (and the
+            // task's requeue) governs longer outages.
+            let retry = object_store::RetryConfig {
+                backoff: object_store::BackoffConfig::default(),
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(15),
+            };
+            let mut builder = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_retry(retry);
             // object_store reads AWS_ENDPOINT; the AWS SDKs' name is AWS_ENDPOINT_URL.
             if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
                 builder = builder.with_endpoint(endpoint);

@@ -156,6 +156,7 @@ async fn heartbeats(worker: Arc<Worker>, shutdown: CancellationToken) {
             device: worker.config.device.clone(),
             concurrency: worker.config.concurrency as u32,
             models: worker.models.loaded(),
+            available: worker.models.available(),
             running: worker
                 .running
                 .lock()

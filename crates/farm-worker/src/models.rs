@@ -41,6 +41,20 @@ impl ModelCache {
         }
     }
 
+    /// Names of the model folders under the models root (those with a `model_index.json`).
+    pub fn available(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("model_index.json").is_file())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Names of the models loaded now.
     pub fn loaded(&self) -> Vec<String> {
         let Ok(models) = self.models.lock() else {
