@@ -352,6 +352,7 @@ async fn submit(client: &mut Jobs, spec: pb::JobSpec, key: &str) -> pb::SubmitJo
         .submit_job(pb::SubmitJobRequest {
             spec: Some(spec),
             idempotency_key: key.into(),
+            ..Default::default()
         })
         .await
         .expect("submit")
@@ -484,6 +485,7 @@ async fn bulk_job_flows_through_the_farm_into_s3() {
         .submit_job(pb::SubmitJobRequest {
             spec: Some(bad),
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("width 65 must be refused");
@@ -740,6 +742,7 @@ async fn unknown_models_are_refused_and_cancel_stops_a_running_task() {
         .submit_job(pb::SubmitJobRequest {
             spec: Some(unknown),
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown model");
@@ -855,4 +858,135 @@ async fn uploads_survive_storage_downtime_and_never_succeed_without_an_object() 
         let bytes = object(&*store, &task.object_key).await;
         assert_eq!(hex::encode(Sha256::digest(&bytes)), task.sha256);
     }
+}
+
+fn png_bytes(width: u32, height: u32, pixel: impl Fn(u32, u32) -> [u8; 3]) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb(pixel(x, y)));
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .expect("encode png");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mode_runs_on_the_farm_with_uploaded_inputs() {
+    let farm = Farm::new(1);
+    let mut client = farm.client().await;
+    let init = png_bytes(64, 64, |x, y| [(x * 4) as u8, (y * 4) as u8, 128]);
+    // A mask of another size but the same aspect ratio is accepted (and resized).
+    let mask = png_bytes(128, 128, |x, y| {
+        if (32..96).contains(&x) && (32..96).contains(&y) {
+            [255; 3]
+        } else {
+            [0; 3]
+        }
+    });
+    let request = |mode: &str, mask: &[u8], strength: Option<f64>| {
+        let mut s = spec(&PROMPTS[..1], &[5], 4);
+        s.mode = mode.into();
+        s.width = 0;
+        s.height = 0;
+        s.strength = strength;
+        pb::SubmitJobRequest {
+            spec: Some(s),
+            init_image: init.clone(),
+            mask: mask.to_vec(),
+            ..Default::default()
+        }
+    };
+    let mut ids = Vec::new();
+    for (mode, mask, strength) in [
+        ("img2img", &[][..], Some(0.5)),
+        ("inpaint", &mask[..], Some(0.75)),
+        ("reconstruct", &[][..], None),
+    ] {
+        let job = client
+            .submit_job(request(mode, mask, strength))
+            .await
+            .expect(mode)
+            .into_inner();
+        ids.push((mode, job.job.expect("job").id));
+    }
+    let store = farm.s3.store();
+    for (mode, id) in ids {
+        let job = wait_done(&farm, &id, Duration::from_secs(120)).await;
+        assert_eq!(
+            job.status,
+            pb::JobStatus::Succeeded as i32,
+            "{mode}: {job:?}"
+        );
+        let spec = job.spec.clone().expect("spec");
+        assert!(spec.init_image_key.contains("/inputs/"), "{mode}: {spec:?}");
+        let bytes = object(&*store, &job.tasks[0].object_key).await;
+        let img = image::load_from_memory(&bytes).expect("png");
+        assert_eq!((img.width(), img.height()), (64, 64), "{mode}");
+        let params = farm_worker::png::read_parameters(&bytes).expect("parameters");
+        assert_eq!(params.mode, mode);
+        assert_eq!(
+            params.init_image.as_deref(),
+            Some(spec.init_image_key.as_str())
+        );
+        if mode == "inpaint" {
+            assert_eq!(params.strength, Some(0.75));
+            assert_eq!(params.mask.as_deref(), Some(spec.mask_key.as_str()));
+        }
+    }
+
+    // Bad inputs, each named: another aspect ratio, a format we do not take, strength > 1,
+    // an init image for txt2img, no mask for inpaint.
+    let narrow = png_bytes(128, 64, |_, _| [255; 3]);
+    let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec();
+    let mut txt2img = request("txt2img", &[], None);
+    txt2img.spec.as_mut().expect("spec").width = 64;
+    let mut gif_request = request("img2img", &[], None);
+    gif_request.init_image = gif;
+    for (field, bad) in [
+        ("mask", request("inpaint", &narrow, None)),
+        ("mask", request("inpaint", &[], None)),
+        ("init_image", gif_request),
+        ("strength", request("img2img", &[], Some(1.5))),
+        ("init_image", txt2img),
+    ] {
+        let err = client.submit_job(bad).await.expect_err(field);
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+
+    // The CLI uploads the files itself.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("init.png");
+    std::fs::write(&path, &init).expect("write init");
+    let out = farm.farm(&[
+        "submit",
+        "--mode",
+        "img2img",
+        "--init-image",
+        &path.display().to_string(),
+        "--strength",
+        "0.6",
+        "--prompt",
+        "an otter",
+        "--seed",
+        "3",
+        "--steps",
+        "4",
+        "--wait",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["status"], "succeeded");
 }

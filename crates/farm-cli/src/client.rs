@@ -67,6 +67,25 @@ fn auth(settings: &Settings) -> anyhow::Result<Auth> {
 
 #[derive(Args, Clone, Debug, Default)]
 pub struct SubmitArgs {
+    /// txt2img, img2img, inpaint or reconstruct.
+    #[arg(long, default_value = "txt2img")]
+    pub mode: String,
+    /// img2img, inpaint, reconstruct: the image to start from (PNG or JPEG); it is uploaded
+    /// with the job. Width and height default to its size.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// inpaint: white = repaint, black = keep.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// img2img and inpaint: how much of the schedule to run, in [0, 1] (default 0.8).
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// A model folder whose VAE replaces the model's own.
+    #[arg(long, default_value = "")]
+    pub vae: String,
+    /// Images per prompt (the same as --count: seeds SEED..SEED+N-1).
+    #[arg(long, conflicts_with_all = ["seeds", "count"])]
+    pub num_images: Option<u32>,
     /// A prompt (repeatable): one image per prompt and seed.
     #[arg(long = "prompt")]
     pub prompts: Vec<String>,
@@ -108,6 +127,10 @@ pub struct SubmitArgs {
     /// A retried submit with the same key returns the same job.
     #[arg(long, default_value = "")]
     pub idempotency_key: String,
+    /// POST the job as JSON to this http(s) URL when it ends (signed with the coordinator's
+    /// --webhook-secret).
+    #[arg(long, default_value = "")]
+    pub webhook_url: String,
     /// Block until the job ends (a progress bar on a terminal).
     #[arg(long)]
     pub wait: bool,
@@ -181,14 +204,16 @@ pub fn job_spec(args: &SubmitArgs) -> anyhow::Result<pb::JobSpec> {
             Vec::new(),
             Some(pb::SeedRange {
                 start,
-                count: args.count,
+                count: args.num_images.unwrap_or(args.count),
             }),
         )
     } else {
         (args.seeds.clone(), None)
     };
     Ok(pb::JobSpec {
-        mode: "txt2img".into(),
+        mode: args.mode.clone(),
+        strength: args.strength,
+        vae: args.vae.clone(),
         model: args.model.clone(),
         prompts: read_prompts(args)?,
         negative_prompt: args.negative_prompt.clone(),
@@ -201,6 +226,8 @@ pub fn job_spec(args: &SubmitArgs) -> anyhow::Result<pb::JobSpec> {
         scheduler: args.scheduler.clone(),
         priority: args.priority,
         max_attempts: args.max_attempts,
+        webhook_url: args.webhook_url.clone(),
+        ..Default::default()
     })
 }
 
@@ -212,25 +239,51 @@ fn rand_seed() -> u32 {
     nanos ^ std::process::id().rotate_left(16)
 }
 
+fn read_input(flag: &str, path: Option<&Path>) -> anyhow::Result<Vec<u8>> {
+    match path {
+        None => Ok(Vec::new()),
+        Some(p) => {
+            std::fs::read(p).with_context(|| format!("{flag} {}: cannot read it", p.display()))
+        }
+    }
+}
+
 pub async fn submit_job(
     client: &mut Jobs,
     spec: pb::JobSpec,
     idempotency_key: &str,
 ) -> anyhow::Result<pb::SubmitJobResponse> {
-    let response = client
-        .submit_job(pb::SubmitJobRequest {
+    submit_request(
+        client,
+        pb::SubmitJobRequest {
             spec: Some(spec),
             idempotency_key: idempotency_key.to_string(),
-        })
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+pub async fn submit_request(
+    client: &mut Jobs,
+    request: pb::SubmitJobRequest,
+) -> anyhow::Result<pb::SubmitJobResponse> {
+    let response = client
+        .submit_job(request)
         .await
         .map_err(|s| rpc_error("submit", s))?;
     Ok(response.into_inner())
 }
 
 pub async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<()> {
-    let spec = job_spec(&args)?;
+    let request = pb::SubmitJobRequest {
+        spec: Some(job_spec(&args)?),
+        idempotency_key: args.idempotency_key.clone(),
+        init_image: read_input("--init-image", args.init_image.as_deref())?,
+        mask: read_input("--mask", args.mask.as_deref())?,
+    };
     let mut client = jobs_client(settings).await?;
-    let response = submit_job(&mut client, spec, &args.idempotency_key).await?;
+    let response = submit_request(&mut client, request).await?;
     let job = response.job.context("coordinator answered without a job")?;
     if !args.wait {
         if args.json {

@@ -6,6 +6,7 @@ mod demo;
 mod grid;
 mod local;
 mod output;
+mod train;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -104,6 +105,9 @@ enum Command {
         /// Seconds a running task may go without a heartbeat before it is requeued.
         #[arg(long, default_value_t = 30)]
         run_lease_secs: u64,
+        /// Signs webhook calls: `x-farm-signature: sha256=HMAC-SHA256(secret, "<ts>.<body>")`.
+        #[arg(long, env = "FARM_WEBHOOK_SECRET", hide_env_values = true)]
+        webhook_secret: Option<String>,
     },
     /// Run a worker: render tasks from the queue and upload the images.
     Worker(WorkerArgs),
@@ -165,6 +169,8 @@ enum Command {
     Generate(local::GenerateArgs),
     /// Write a prompt's token ids and text embeddings to a safetensors file.
     Embed(local::EmbedArgs),
+    /// Fine-tune a model's UNet locally on images with captions.
+    Train(train::TrainArgs),
     /// Model folders.
     Model {
         #[command(subcommand)]
@@ -321,11 +327,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             id,
             queue_lease_secs,
             run_lease_secs,
+            webhook_secret,
         } => {
             let mut config = settings.coordinator_config(&addrs);
             config.id = id;
             config.queue_lease = Duration::from_secs(queue_lease_secs.max(1));
             config.run_lease = Duration::from_secs(run_lease_secs.max(1));
+            config.webhook_secret = webhook_secret.filter(|s| !s.is_empty());
             farm_coordinator::run(config, shutdown_on_signal()).await
         }
         Command::Worker(args) => {
@@ -377,6 +385,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Generate(args) => local::generate(args, settings.models.clone()).await,
         Command::Embed(args) => local::embed(args, settings.models.clone()).await,
+        Command::Train(args) => train::run(args, settings.models.clone()).await,
         Command::Model {
             command: ModelCommand::Pull { repo, revision },
         } => local::pull(repo, revision, settings.models.clone()).await,

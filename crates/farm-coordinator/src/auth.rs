@@ -53,6 +53,11 @@ impl Authenticator {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
+        self.caller_token(store, token).await
+    }
+
+    /// The caller holding `token` (the dashboard reads it from its cookie).
+    pub async fn caller_token(&self, store: &Store, token: &str) -> Result<Caller, Status> {
         let key = crate::store::token_digest(token);
         if let Ok(cache) = self.cache.lock() {
             if let Some((caller, at)) = cache.get(&key) {

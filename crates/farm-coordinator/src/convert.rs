@@ -42,7 +42,13 @@ pub(crate) fn task_status(s: TaskStatus) -> pb::TaskStatus {
     }
 }
 
-pub(crate) fn request_from_pb(spec: pb::JobSpec, idempotency_key: String) -> JobRequest {
+/// The raw request; `init_image` and `mask` are what their uploaded bytes' headers say.
+pub(crate) fn request_from_pb(
+    spec: pb::JobSpec,
+    idempotency_key: String,
+    init_image: Option<farm_core::ImageInfo>,
+    mask: Option<farm_core::ImageInfo>,
+) -> JobRequest {
     JobRequest {
         mode: spec.mode,
         model: spec.model,
@@ -58,6 +64,11 @@ pub(crate) fn request_from_pb(spec: pb::JobSpec, idempotency_key: String) -> Job
         priority: spec.priority,
         max_attempts: spec.max_attempts,
         idempotency_key,
+        strength: spec.strength,
+        vae: spec.vae,
+        init_image,
+        mask,
+        webhook_url: spec.webhook_url,
     }
 }
 
@@ -76,6 +87,11 @@ pub(crate) fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
         scheduler: spec.scheduler.as_str().to_string(),
         priority: spec.priority,
         max_attempts: spec.max_attempts,
+        strength: Some(spec.strength),
+        vae: spec.vae.clone().unwrap_or_default(),
+        init_image_key: spec.init_image.clone().unwrap_or_default(),
+        mask_key: spec.mask.clone().unwrap_or_default(),
+        webhook_url: spec.webhook_url.clone().unwrap_or_default(),
     }
 }
 

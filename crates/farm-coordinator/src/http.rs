@@ -1,14 +1,15 @@
-//! The coordinator's HTTP side: health, readiness and Prometheus metrics.
+//! The coordinator's HTTP side: health, readiness, Prometheus metrics and the dashboard.
 
-use std::fmt::Write;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
+use crate::dashboard::{self, Dashboard};
 use crate::Shared;
 
 pub(crate) async fn serve(
@@ -16,14 +17,25 @@ pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let dashboard = Arc::new(Dashboard {
+        shared: shared.clone(),
+        auth: crate::auth::Authenticator::default(),
+        live: dashboard::Live::default(),
+        shutdown: shutdown.clone(),
+    });
+    let tracker = tokio::spawn(dashboard::track(dashboard.clone()));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(shared);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+        .with_state(shared)
+        .merge(dashboard::routes(dashboard));
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    shutdown.cancel();
+    let _ = tracker.await;
+    served?;
     Ok(())
 }
 
@@ -37,33 +49,9 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
     (StatusCode::OK, "ready\n".into())
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
-    let counts = match shared.store.task_counts().await {
-        Ok(c) => c,
-        Err(e) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("# postgres: {e}\n"),
-            )
-        }
-    };
-    let workers = shared.store.workers().await.unwrap_or_default();
-    let mut out = String::new();
-    out.push_str("# HELP farm_tasks Tasks by state.\n# TYPE farm_tasks gauge\n");
-    for (state, n) in [
-        ("pending", counts.pending),
-        ("queued", counts.queued),
-        ("running", counts.running),
-        ("succeeded", counts.succeeded),
-        ("failed", counts.failed),
-        ("cancelled", counts.cancelled),
-    ] {
-        let _ = writeln!(out, "farm_tasks{{state=\"{state}\"}} {n}");
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.metrics.render(&shared).await {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("# {e}\n")).into_response(),
     }
-    let online = workers.iter().filter(|w| w.online).count();
-    let _ = writeln!(
-        out,
-        "# HELP farm_workers_online Workers with a recent heartbeat.\n# TYPE farm_workers_online gauge\nfarm_workers_online {online}"
-    );
-    (StatusCode::OK, out)
 }

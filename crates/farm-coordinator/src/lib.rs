@@ -7,10 +7,13 @@
 
 mod auth;
 mod convert;
+mod dashboard;
 mod http;
 mod loops;
+mod metrics;
 mod service;
 pub mod store;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,6 +47,8 @@ pub struct CoordinatorConfig {
     /// The most unfinished tasks one tenant may have; a submit beyond it is refused with
     /// `RESOURCE_EXHAUSTED`.
     pub tenant_quota: Option<u64>,
+    /// Signs webhook calls (`x-farm-signature`); unsigned without one.
+    pub webhook_secret: Option<String>,
 }
 
 impl CoordinatorConfig {
@@ -59,6 +64,7 @@ impl CoordinatorConfig {
             queue_lease: Duration::from_secs(600),
             run_lease: Duration::from_secs(30),
             tenant_quota: Some(1_000_000),
+            webhook_secret: None,
         }
     }
 }
@@ -82,6 +88,7 @@ pub(crate) struct Shared {
     pub storage: Storage,
     pub config: CoordinatorConfig,
     pub updates: broadcast::Sender<Update>,
+    pub metrics: metrics::Metrics,
     /// Wakes the dispatcher early (a job was submitted, a task finished).
     pub dispatch_now: Notify,
     /// Set once the ingester has applied the events that waited while this coordinator was
@@ -153,6 +160,7 @@ impl Bound {
         tasks.spawn(loops::ingester(shared.clone(), shutdown.clone()));
         tasks.spawn(loops::reaper(shared.clone(), shutdown.clone()));
         tasks.spawn(http::serve(shared.clone(), http, shutdown.clone()));
+        tasks.spawn(webhooks::deliverer(shared.clone(), shutdown.clone()));
         let served = service::serve(shared, grpc, shutdown.clone()).await;
         shutdown.cancel();
         while let Some(done) = tasks.join_next().await {
@@ -183,6 +191,7 @@ pub async fn bind(config: CoordinatorConfig) -> anyhow::Result<Bound> {
         storage,
         config,
         updates,
+        metrics: metrics::Metrics::new()?,
         dispatch_now: Notify::new(),
         caught_up: std::sync::atomic::AtomicBool::new(false),
     });

@@ -86,6 +86,7 @@ async fn dispatch_once(
     match shared.queue.dispatch(&messages).await {
         Ok(ids) => {
             shared.store.set_stream_ids(&claimed, &ids).await?;
+            shared.metrics.dispatched(&claimed);
             for c in &claimed {
                 let _ = shared.updates.send(Update::Changed(c.task));
             }
@@ -154,6 +155,7 @@ pub(crate) async fn ingester(
                 }
                 Err(bad) => {
                     tracing::warn!(id = %bad.id, reason = %bad.reason, "undecodable event dead-lettered");
+                    shared.metrics.dead_letter_event();
                     if let Err(e) = shared.queue.dead_letter(false, &bad).await {
                         tracing::warn!(error = %e, "dead-lettering failed");
                     }
@@ -170,6 +172,7 @@ pub(crate) async fn ingester(
                 .await
             {
                 Ok(applied) => {
+                    shared.metrics.observe_events(&events);
                     if applied.ignored > 0 {
                         tracing::debug!(
                             ignored = applied.ignored,
@@ -254,6 +257,7 @@ pub(crate) async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) -> 
                     n = reaped.len(),
                     "leases expired; tasks requeued or dead-lettered"
                 );
+                shared.metrics.reaped(&reaped);
                 let stale: Vec<String> =
                     reaped.iter().filter_map(|r| r.stream_id.clone()).collect();
                 if let Err(e) = shared.queue.retract_tasks(&stale).await {

@@ -69,6 +69,25 @@ impl Api {
         self.auth.caller(&self.shared.store, request).await
     }
 
+    /// Stores an uploaded input image at `{prefix}/inputs/{sha256}`; `None` for no image.
+    async fn store_input(&self, bytes: &[u8]) -> Result<Option<String>, Status> {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        use sha2::Digest;
+        let key = format!(
+            "{}/inputs/{}",
+            self.shared.config.redis_prefix,
+            hex::encode(sha2::Sha256::digest(bytes))
+        );
+        self.shared
+            .storage
+            .put_with_retry(&key, bytes.to_vec().into(), 3)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot store the input image: {e}")))?;
+        Ok(Some(key))
+    }
+
     /// The job if the caller may see it; another tenant's job is `NOT_FOUND`, like a missing one.
     async fn visible_job(
         &self,
@@ -126,8 +145,22 @@ impl JobService for Api {
         let spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
-        let spec = validate(&request_from_pb(spec, req.idempotency_key))
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let invalid = |e: farm_core::InvalidField| Status::invalid_argument(e.to_string());
+        let image = |field, bytes: &[u8]| {
+            (!bytes.is_empty())
+                .then(|| farm_core::inspect_image(field, bytes))
+                .transpose()
+                .map_err(invalid)
+        };
+        let init_info = image("init_image", &req.init_image)?;
+        let mask_info = image("mask", &req.mask)?;
+        let mut spec = validate(&request_from_pb(
+            spec,
+            req.idempotency_key,
+            init_info,
+            mask_info,
+        ))
+        .map_err(invalid)?;
         if self
             .shared
             .store
@@ -141,6 +174,10 @@ impl JobService for Api {
                 spec.model
             )));
         }
+        // Inputs are stored under their content hash before the job is written, so a job row
+        // never points at an image that is not there.
+        spec.init_image = self.store_input(&req.init_image).await?;
+        spec.mask = self.store_input(&req.mask).await?;
         let (job, created) = self
             .shared
             .store

@@ -1058,3 +1058,294 @@ fn task_from_row(r: &sqlx::postgres::PgRow) -> Result<TaskRow> {
         updated_at: r.try_get("updated_at")?,
     })
 }
+
+// Read models of the dashboard and /metrics, Retry failed, and webhook deliveries.
+
+/// Unfinished tasks of one model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelQueue {
+    pub model: String,
+    pub pending: u64,
+    pub queued: u64,
+    pub running: u64,
+}
+
+/// What the dashboard's overview shows, for one tenant or (admin) all of them.
+#[derive(Debug, Clone, Default)]
+pub struct Overview {
+    pub counts: TaskCounts,
+    /// The pending task that has waited longest.
+    pub oldest_waiting: Option<TaskRef>,
+    pub models: Vec<ModelQueue>,
+    /// (minute, succeeded, failed) over the last hour, oldest first; empty minutes are absent.
+    pub per_minute: Vec<(DateTime<Utc>, u64, u64)>,
+}
+
+/// A webhook call claimed for one delivery attempt.
+#[derive(Debug, Clone)]
+pub struct WebhookDelivery {
+    pub id: Uuid,
+    pub job: JobId,
+    pub url: String,
+    /// Including the attempt about to be made.
+    pub attempts: u32,
+}
+
+/// A webhook delivery as the job page shows it.
+#[derive(Debug, Clone)]
+pub struct WebhookState {
+    pub status: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub response_status: Option<i32>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+impl Store {
+    /// Task counts, queue per model, the oldest waiting task and the last hour's images per
+    /// minute; `tenant` limits everything to that tenant's jobs.
+    pub async fn overview(&self, tenant: Option<&str>) -> Result<Overview> {
+        let rows = sqlx::query(
+            "SELECT t.status, count(*) AS n FROM tasks t JOIN jobs j ON j.id = t.job_id
+             WHERE ($1::text IS NULL OR j.tenant = $1) GROUP BY t.status",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut counts = TaskCounts::default();
+        for r in &rows {
+            let n = r.try_get::<i64, _>("n")?.max(0) as u64;
+            match r.try_get::<String, _>("status")?.as_str() {
+                "pending" => counts.pending = n,
+                "queued" => counts.queued = n,
+                "running" => counts.running = n,
+                "succeeded" => counts.succeeded = n,
+                "failed" => counts.failed = n,
+                "cancelled" => counts.cancelled = n,
+                _ => {}
+            }
+        }
+        let oldest = sqlx::query(
+            "SELECT t.job_id, t.idx, t.created_at FROM tasks t JOIN jobs j ON j.id = t.job_id
+             WHERE t.status = 'pending' AND ($1::text IS NULL OR j.tenant = $1)
+             ORDER BY t.priority DESC, t.created_at, t.job_id, t.idx LIMIT 1",
+        )
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        let oldest_waiting = match oldest {
+            Some(r) => {
+                counts.oldest_pending = Some(r.try_get("created_at")?);
+                Some(TaskRef {
+                    job: JobId(r.try_get("job_id")?),
+                    index: r.try_get::<i32, _>("idx")? as u32,
+                })
+            }
+            None => None,
+        };
+        let rows = sqlx::query(
+            "SELECT date_trunc('minute', t.finished_at) AS minute,
+                    count(*) FILTER (WHERE t.status = 'succeeded') AS ok,
+                    count(*) FILTER (WHERE t.status = 'failed') AS failed
+             FROM tasks t JOIN jobs j ON j.id = t.job_id
+             WHERE t.finished_at IS NOT NULL AND t.finished_at > now() - interval '1 hour'
+               AND ($1::text IS NULL OR j.tenant = $1)
+             GROUP BY 1 ORDER BY 1",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        let per_minute = rows
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("minute")?,
+                    r.try_get::<i64, _>("ok")?.max(0) as u64,
+                    r.try_get::<i64, _>("failed")?.max(0) as u64,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Overview {
+            counts,
+            oldest_waiting,
+            models: self.queue_by_model(tenant).await?,
+            per_minute,
+        })
+    }
+
+    /// Pending, queued and running tasks per model.
+    pub async fn queue_by_model(&self, tenant: Option<&str>) -> Result<Vec<ModelQueue>> {
+        let rows = sqlx::query(
+            "SELECT j.spec->>'model' AS model,
+                    count(*) FILTER (WHERE t.status = 'pending') AS pending,
+                    count(*) FILTER (WHERE t.status = 'queued') AS queued,
+                    count(*) FILTER (WHERE t.status = 'running') AS running
+             FROM tasks t JOIN jobs j ON j.id = t.job_id
+             WHERE t.status IN ('pending', 'queued', 'running')
+               AND ($1::text IS NULL OR j.tenant = $1)
+             GROUP BY 1 ORDER BY 1",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ModelQueue {
+                    model: r.try_get::<Option<String>, _>("model")?.unwrap_or_default(),
+                    pending: r.try_get::<i64, _>("pending")?.max(0) as u64,
+                    queued: r.try_get::<i64, _>("queued")?.max(0) as u64,
+                    running: r.try_get::<i64, _>("running")?.max(0) as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// Sends a job's failed tasks back to `pending`, each with the job's `max_attempts` more
+    /// attempts, and reopens the job. Returns the job and how many tasks were retried (0 for
+    /// a cancelled job), or `None` for an unknown job.
+    pub async fn retry_failed(&self, job: JobId) -> Result<Option<(JobRow, u64)>> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT status, spec FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(job.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let status: String = row.try_get("status")?;
+        let spec: serde_json::Value = row.try_get("spec")?;
+        let spec: JobSpec =
+            serde_json::from_value(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut retried = 0;
+        if status != "cancelled" {
+            retried = sqlx::query(
+                "UPDATE tasks SET status = 'pending', finished_at = NULL, lease_deadline = NULL,
+                        stream_id = NULL, max_attempts = attempt + $2,
+                        updated_at = clock_timestamp()
+                 WHERE job_id = $1 AND status = 'failed'",
+            )
+            .bind(job.0)
+            .bind(spec.max_attempts.max(1) as i32)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if retried > 0 {
+                sqlx::query(
+                    "UPDATE jobs SET tasks_failed = greatest(tasks_failed - $2, 0),
+                            status = 'running', finished_at = NULL
+                     WHERE id = $1",
+                )
+                .bind(job.0)
+                .bind(retried as i32)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(self.job(job).await?.map(|j| (j, retried)))
+    }
+
+    /// Records a delivery for every job that ended (in the last day) with a webhook and has
+    /// none for that end yet. Returns how many were added.
+    pub async fn enqueue_webhooks(&self) -> Result<u64> {
+        Ok(sqlx::query(
+            "INSERT INTO webhook_deliveries (id, job_id, job_finished_at, url)
+             SELECT gen_random_uuid(), j.id, j.finished_at, j.spec->>'webhook_url' FROM jobs j
+             WHERE j.finished_at IS NOT NULL AND j.spec ? 'webhook_url'
+               AND j.finished_at > now() - interval '1 day'
+               AND j.status IN ('succeeded', 'failed', 'cancelled')
+               AND coalesce(j.spec->>'webhook_url', '') <> ''
+             ON CONFLICT (job_id, job_finished_at) DO NOTHING",
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Claims up to `limit` due deliveries for one attempt each; a claimed delivery is not
+    /// due again for `lease` (so a coordinator that dies mid-call leaves it to another).
+    pub async fn claim_webhooks(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<WebhookDelivery>> {
+        let rows = sqlx::query(
+            "WITH due AS (
+                SELECT id FROM webhook_deliveries
+                WHERE status = 'pending' AND next_attempt_at <= now()
+                ORDER BY next_attempt_at LIMIT $1
+                FOR UPDATE SKIP LOCKED
+             )
+             UPDATE webhook_deliveries d
+             SET attempts = d.attempts + 1, next_attempt_at = now() + make_interval(secs => $2)
+             FROM due WHERE d.id = due.id
+             RETURNING d.id, d.job_id, d.url, d.attempts",
+        )
+        .bind(i64::from(limit))
+        .bind(secs(lease))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(WebhookDelivery {
+                    id: r.try_get("id")?,
+                    job: JobId(r.try_get("job_id")?),
+                    url: r.try_get("url")?,
+                    attempts: r.try_get::<i32, _>("attempts")?.max(0) as u32,
+                })
+            })
+            .collect()
+    }
+
+    /// Records the outcome of a delivery attempt: delivered, to be retried after `retry_in`,
+    /// or (no `retry_in`) given up.
+    pub async fn finish_webhook(
+        &self,
+        id: Uuid,
+        delivered: bool,
+        response_status: Option<u16>,
+        error: Option<&str>,
+        retry_in: Option<Duration>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE webhook_deliveries SET
+                status = CASE WHEN $2 THEN 'delivered' WHEN $5::float8 IS NULL THEN 'failed'
+                              ELSE 'pending' END,
+                delivered_at = CASE WHEN $2 THEN now() ELSE NULL END,
+                response_status = $3, last_error = $4,
+                next_attempt_at = CASE WHEN $5::float8 IS NULL THEN next_attempt_at
+                                       ELSE now() + make_interval(secs => $5) END
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(delivered)
+        .bind(response_status.map(i32::from))
+        .bind(error)
+        .bind(retry_in.map(secs))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The webhook deliveries of a job, newest first.
+    pub async fn webhook_states(&self, job: JobId) -> Result<Vec<WebhookState>> {
+        let rows = sqlx::query(
+            "SELECT status, attempts, last_error, response_status, delivered_at
+             FROM webhook_deliveries WHERE job_id = $1 ORDER BY created_at DESC",
+        )
+        .bind(job.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(WebhookState {
+                    status: r.try_get("status")?,
+                    attempts: r.try_get::<i32, _>("attempts")?.max(0) as u32,
+                    last_error: r.try_get("last_error")?,
+                    response_status: r.try_get("response_status")?,
+                    delivered_at: r.try_get("delivered_at")?,
+                })
+            })
+            .collect()
+    }
+}

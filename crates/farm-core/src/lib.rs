@@ -7,7 +7,7 @@ mod status;
 
 pub use ids::{Attempt, JobId, TaskRef, WorkerId};
 pub use spec::{
-    object_key, validate, InvalidField, JobRequest, JobSpec, Mode, SchedulerName, SeedSource,
-    TaskSpec, LIMITS,
+    inspect_image, object_key, validate, ImageInfo, InvalidField, JobRequest, JobSpec, Mode,
+    SchedulerName, SeedSource, TaskSpec, LIMITS,
 };
 pub use status::{JobStatus, TaskStatus, UnknownStatus};

@@ -21,6 +21,7 @@ pub struct Limits {
     pub max_idempotency_key_bytes: usize,
     pub max_priority: i32,
     pub max_attempts: u32,
+    pub max_image_bytes: usize,
 }
 
 pub const LIMITS: Limits = Limits {
@@ -35,12 +36,14 @@ pub const LIMITS: Limits = Limits {
     max_idempotency_key_bytes: 128,
     max_priority: 100,
     max_attempts: 10,
+    max_image_bytes: 16 * 1024 * 1024,
 };
 
 pub const DEFAULT_SIDE: u32 = 512;
 pub const DEFAULT_STEPS: u32 = 50;
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_STRENGTH: f64 = 0.8;
 
 /// A request field that failed validation, and why. The gRPC layer turns it into
 /// `INVALID_ARGUMENT` with the message `field: reason`.
@@ -61,26 +64,93 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidField {
 /// What kind of image a task makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Mode {
+    /// Text to image from noise.
     #[serde(rename = "txt2img")]
     Txt2Img,
+    /// SDEdit: an init image noised to `strength` and denoised with the prompt.
+    #[serde(rename = "img2img")]
+    Img2Img,
+    /// Legacy inpainting: img2img that keeps the mask's black region.
+    #[serde(rename = "inpaint")]
+    Inpaint,
+    /// VAE encode and decode of the init image.
+    #[serde(rename = "reconstruct")]
+    Reconstruct,
 }
 
 impl Mode {
+    pub const ALL: &'static [Mode] = &[
+        Mode::Txt2Img,
+        Mode::Img2Img,
+        Mode::Inpaint,
+        Mode::Reconstruct,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Txt2Img => "txt2img",
+            Mode::Img2Img => "img2img",
+            Mode::Inpaint => "inpaint",
+            Mode::Reconstruct => "reconstruct",
         }
+    }
+
+    pub fn needs_init_image(self) -> bool {
+        !matches!(self, Mode::Txt2Img)
+    }
+
+    pub fn needs_mask(self) -> bool {
+        matches!(self, Mode::Inpaint)
     }
 }
 
 impl FromStr for Mode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "" | "txt2img" => Ok(Mode::Txt2Img),
-            other => Err(format!("unknown mode {other:?}; expected txt2img")),
-        }
+        let s = if s.is_empty() { "txt2img" } else { s };
+        Mode::ALL
+            .iter()
+            .copied()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown mode {s:?}; expected txt2img, img2img, inpaint or reconstruct")
+            })
     }
+}
+
+/// What validation needs to know of an uploaded image (read from its header only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub width: u32,
+    pub height: u32,
+    pub bytes: usize,
+}
+
+/// Reads an uploaded image's format and size from its header: PNG and JPEG are accepted.
+pub fn inspect_image(field: &'static str, bytes: &[u8]) -> Result<ImageInfo, InvalidField> {
+    if bytes.is_empty() {
+        return Err(invalid(field, "is empty"));
+    }
+    if bytes.len() > LIMITS.max_image_bytes {
+        return Err(invalid(
+            field,
+            format!("{} bytes; at most {}", bytes.len(), LIMITS.max_image_bytes),
+        ));
+    }
+    let format = image::guess_format(bytes)
+        .map_err(|_| invalid(field, "is not an image; send a PNG or JPEG"))?;
+    if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
+        return Err(invalid(field, format!("is {format:?}; send a PNG or JPEG")));
+    }
+    let reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let (width, height) = reader
+        .into_dimensions()
+        .map_err(|e| invalid(field, format!("cannot be read: {e}")))?;
+    Ok(ImageInfo {
+        width,
+        height,
+        bytes: bytes.len(),
+    })
 }
 
 /// The sampler a task denoises with.
@@ -159,6 +229,14 @@ pub struct JobRequest {
     pub priority: i32,
     pub max_attempts: u32,
     pub idempotency_key: String,
+    /// img2img and inpaint: how much of the schedule to run, in [0, 1] (default 0.8).
+    pub strength: Option<f64>,
+    /// A model folder whose VAE replaces the model's own (empty: the model's).
+    pub vae: String,
+    pub init_image: Option<ImageInfo>,
+    pub mask: Option<ImageInfo>,
+    /// Called with the job as JSON when the job ends (empty: none).
+    pub webhook_url: String,
 }
 
 /// A validated job. Constructed only by [`validate`], so holding one means every bound held.
@@ -177,6 +255,23 @@ pub struct JobSpec {
     pub priority: i32,
     pub max_attempts: u32,
     pub idempotency_key: Option<String>,
+    #[serde(default = "default_strength")]
+    pub strength: f64,
+    #[serde(default)]
+    pub vae: Option<String>,
+    /// Storage key of the init image (set by the coordinator once it is stored).
+    #[serde(default)]
+    pub init_image: Option<String>,
+    /// Storage key of the inpainting mask.
+    #[serde(default)]
+    pub mask: Option<String>,
+    /// An http(s) URL the coordinator POSTs the job to when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+}
+
+fn default_strength() -> f64 {
+    DEFAULT_STRENGTH
 }
 
 impl JobSpec {
@@ -230,6 +325,10 @@ impl JobSpec {
             guidance_scale: self.guidance_scale,
             scheduler: self.scheduler,
             object_key: object_key(prefix, job, index, seed),
+            strength: self.strength,
+            vae: self.vae.clone(),
+            init_image: self.init_image.clone(),
+            mask: self.mask.clone(),
         })
     }
 }
@@ -250,6 +349,14 @@ pub struct TaskSpec {
     pub guidance_scale: f64,
     pub scheduler: SchedulerName,
     pub object_key: String,
+    #[serde(default = "default_strength")]
+    pub strength: f64,
+    #[serde(default)]
+    pub vae: Option<String>,
+    #[serde(default)]
+    pub init_image: Option<String>,
+    #[serde(default)]
+    pub mask: Option<String>,
 }
 
 /// The storage key of a task's image: `{prefix}/jobs/{job_id}/{task_index:06}-{seed}.png`
@@ -268,6 +375,83 @@ fn valid_model_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn check_model_name(field: &'static str, name: &str) -> Result<(), InvalidField> {
+    if name.len() > LIMITS.max_model_name_bytes || !valid_model_name(name) {
+        return Err(invalid(
+            field,
+            format!(
+                "{name:?} is not a model folder name (letters, digits, '.', '_', '-'; at most {} bytes)",
+                LIMITS.max_model_name_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the init image and mask against the mode, and gives the image size (width,
+/// height) the job renders at when one is given.
+fn check_inputs(req: &JobRequest, mode: Mode) -> Result<Option<(u32, u32)>, InvalidField> {
+    if !mode.needs_init_image() {
+        if req.init_image.is_some() {
+            return Err(invalid(
+                "init_image",
+                "only img2img, inpaint and reconstruct take an init image",
+            ));
+        }
+        if req.mask.is_some() {
+            return Err(invalid("mask", "only inpaint takes a mask"));
+        }
+        return Ok(None);
+    }
+    let init = req.init_image.ok_or_else(|| {
+        invalid(
+            "init_image",
+            format!("{} needs an init image", mode.as_str()),
+        )
+    })?;
+    for (field, side) in [("init_image", init.width), ("init_image", init.height)] {
+        if side % 8 != 0 || !(LIMITS.min_side..=LIMITS.max_side).contains(&side) {
+            return Err(invalid(
+                field,
+                format!(
+                    "is {}x{}; both sides must be multiples of 8 in [{}, {}]",
+                    init.width, init.height, LIMITS.min_side, LIMITS.max_side
+                ),
+            ));
+        }
+    }
+    for (field, given, actual) in [
+        ("width", req.width, init.width),
+        ("height", req.height, init.height),
+    ] {
+        if given != 0 && given != actual {
+            return Err(invalid(
+                field,
+                format!("{given} differs from the init image's {actual}; leave it out to use the image's size"),
+            ));
+        }
+    }
+    match (mode.needs_mask(), req.mask) {
+        (true, None) => return Err(invalid("mask", "inpaint needs a mask (white = repaint)")),
+        (false, Some(_)) => return Err(invalid("mask", "only inpaint takes a mask")),
+        (true, Some(mask)) => {
+            if u64::from(mask.width) * u64::from(init.height)
+                != u64::from(mask.height) * u64::from(init.width)
+            {
+                return Err(invalid(
+                    "mask",
+                    format!(
+                        "is {}x{} but the init image is {}x{}; a mask of another size must have the same aspect ratio",
+                        mask.width, mask.height, init.width, init.height
+                    ),
+                ));
+            }
+        }
+        (false, None) => {}
+    }
+    Ok(Some((init.width, init.height)))
 }
 
 fn check_side(field: &'static str, value: u32) -> Result<u32, InvalidField> {
@@ -296,14 +480,10 @@ pub fn validate(req: &JobRequest) -> Result<JobSpec, InvalidField> {
     if model.is_empty() {
         return Err(invalid("model", "is required"));
     }
-    if model.len() > LIMITS.max_model_name_bytes || !valid_model_name(model) {
-        return Err(invalid(
-            "model",
-            format!(
-                "{model:?} is not a model folder name (letters, digits, '.', '_', '-'; at most {} bytes)",
-                LIMITS.max_model_name_bytes
-            ),
-        ));
+    check_model_name("model", model)?;
+    let vae = req.vae.trim();
+    if !vae.is_empty() {
+        check_model_name("vae", vae)?;
     }
 
     if req.prompts.is_empty() {
@@ -399,8 +579,21 @@ pub fn validate(req: &JobRequest) -> Result<JobSpec, InvalidField> {
         ));
     }
 
-    let width = check_side("width", req.width)?;
-    let height = check_side("height", req.height)?;
+    let (width, height) = match check_inputs(req, mode)? {
+        Some(size) => size,
+        None => (
+            check_side("width", req.width)?,
+            check_side("height", req.height)?,
+        ),
+    };
+
+    let strength = req.strength.unwrap_or(DEFAULT_STRENGTH);
+    if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
+        return Err(invalid(
+            "strength",
+            format!("{strength} must be a number in [0, 1]"),
+        ));
+    }
 
     let steps = if req.steps == 0 {
         DEFAULT_STEPS
@@ -465,6 +658,8 @@ pub fn validate(req: &JobRequest) -> Result<JobSpec, InvalidField> {
         ));
     }
 
+    let webhook_url = check_webhook_url(&req.webhook_url)?;
+
     Ok(JobSpec {
         mode,
         model: model.to_string(),
@@ -479,7 +674,77 @@ pub fn validate(req: &JobRequest) -> Result<JobSpec, InvalidField> {
         priority: req.priority,
         max_attempts,
         idempotency_key: (!key.is_empty()).then(|| key.to_string()),
+        strength,
+        vae: (!vae.is_empty()).then(|| vae.to_string()),
+        init_image: None,
+        mask: None,
+        webhook_url,
     })
+}
+
+/// The longest `webhook_url` accepted, in bytes.
+pub const MAX_WEBHOOK_URL_BYTES: usize = 2048;
+
+/// An http:// or https:// URL with a host, at most [`MAX_WEBHOOK_URL_BYTES`]; empty is none.
+fn check_webhook_url(url: &str) -> Result<Option<String>, InvalidField> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Ok(None);
+    }
+    if url.len() > MAX_WEBHOOK_URL_BYTES {
+        return Err(invalid(
+            "webhook_url",
+            format!("{} bytes; at most {MAX_WEBHOOK_URL_BYTES}", url.len()),
+        ));
+    }
+    let lower = url.to_ascii_lowercase();
+    let rest = if lower.starts_with("https://") {
+        &url["https://".len()..]
+    } else if lower.starts_with("http://") {
+        &url["http://".len()..]
+    } else {
+        return Err(invalid("webhook_url", "must be an http:// or https:// URL"));
+    };
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            "webhook_url",
+            "contains whitespace or control characters",
+        ));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    if host.is_empty() || host.starts_with(':') {
+        return Err(invalid("webhook_url", "has no host"));
+    }
+    Ok(Some(url.to_string()))
+}
+
+#[cfg(test)]
+mod webhook_url_tests {
+    use super::*;
+
+    #[test]
+    fn webhook_urls_are_http_or_https_with_a_host() {
+        assert_eq!(check_webhook_url(""), Ok(None));
+        assert_eq!(
+            check_webhook_url(" https://example.com/hook?x=1 "),
+            Ok(Some("https://example.com/hook?x=1".into()))
+        );
+        assert!(check_webhook_url("http://127.0.0.1:9000").is_ok());
+        for bad in [
+            "ftp://example.com",
+            "example.com/hook",
+            "https://",
+            "http://:80/x",
+            "https://exa mple.com",
+            "javascript:alert(1)",
+        ] {
+            let e = check_webhook_url(bad).expect_err(bad);
+            assert_eq!(e.field, "webhook_url");
+        }
+        let long = format!("https://example.com/{}", "a".repeat(MAX_WEBHOOK_URL_BYTES));
+        assert!(check_webhook_url(&long).is_err());
+    }
 }
 
 #[cfg(test)]
@@ -549,6 +814,53 @@ mod tests {
                 "idempotency_key",
                 Box::new(|r| r.idempotency_key = "k".repeat(129)),
             ),
+            ("strength", Box::new(|r| r.strength = Some(1.5))),
+            ("strength", Box::new(|r| r.strength = Some(f64::INFINITY))),
+            ("vae", Box::new(|r| r.vae = "a/b".into())),
+            (
+                "init_image",
+                Box::new(|r| r.init_image = Some(info(64, 64))),
+            ),
+            ("init_image", Box::new(|r| r.mode = "img2img".into())),
+            (
+                "init_image",
+                Box::new(|r| {
+                    r.mode = "img2img".into();
+                    r.init_image = Some(info(100, 64));
+                }),
+            ),
+            (
+                "width",
+                Box::new(|r| {
+                    r.mode = "img2img".into();
+                    r.init_image = Some(info(128, 64));
+                    r.width = 64;
+                }),
+            ),
+            (
+                "mask",
+                Box::new(|r| {
+                    r.mode = "inpaint".into();
+                    r.init_image = Some(info(64, 64));
+                }),
+            ),
+            (
+                "mask",
+                Box::new(|r| {
+                    r.mode = "inpaint".into();
+                    r.init_image = Some(info(128, 64));
+                    r.width = 0;
+                    r.mask = Some(info(64, 64));
+                }),
+            ),
+            (
+                "mask",
+                Box::new(|r| {
+                    r.mode = "img2img".into();
+                    r.init_image = Some(info(64, 64));
+                    r.mask = Some(info(64, 64));
+                }),
+            ),
         ];
         for (field, mutate) in cases {
             let mut req = ok_request();
@@ -556,6 +868,52 @@ mod tests {
             let err = validate(&req).expect_err(field);
             assert_eq!(err.field, field, "{err}");
         }
+    }
+
+    fn info(width: u32, height: u32) -> ImageInfo {
+        ImageInfo {
+            width,
+            height,
+            bytes: 100,
+        }
+    }
+
+    #[test]
+    fn image_modes_take_their_size_from_the_init_image() {
+        let mut req = ok_request();
+        req.mode = "inpaint".into();
+        req.width = 0;
+        req.height = 0;
+        req.init_image = Some(info(128, 64));
+        req.mask = Some(info(256, 128));
+        req.strength = Some(0.5);
+        let spec = validate(&req).expect("valid");
+        assert_eq!(
+            (spec.mode, spec.width, spec.height, spec.strength),
+            (Mode::Inpaint, 128, 64, 0.5)
+        );
+    }
+
+    #[test]
+    fn uploaded_images_are_checked_from_their_header() {
+        let mut png = Vec::new();
+        image::RgbImage::new(64, 40)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("encode");
+        assert_eq!(
+            inspect_image("init_image", &png).expect("png"),
+            ImageInfo {
+                width: 64,
+                height: 40,
+                bytes: png.len()
+            }
+        );
+        assert_eq!(
+            inspect_image("mask", b"GIF89a....").expect_err("gif").field,
+            "mask"
+        );
+        assert!(inspect_image("init_image", b"").is_err());
+        assert!(inspect_image("init_image", &png[..20]).is_err());
     }
 
     #[test]
@@ -589,6 +947,7 @@ mod tests {
                 ..Default::default()
             };
             if let Ok(spec) = validate(&req) {
+                prop_assert!((0.0..=1.0).contains(&spec.strength));
                 prop_assert!(spec.width % 8 == 0 && spec.height % 8 == 0);
                 prop_assert!(u64::from(spec.tasks_total()) <= LIMITS.max_tasks);
                 prop_assert!(spec.tasks().count() as u32 == spec.tasks_total());

@@ -16,6 +16,8 @@
 //! * [`vae`] — the VAE: candle's decoder and an encoder exposing the posterior.
 //! * [`noise`] — the seeded standard-normal draws.
 //! * [`tiny`] — [`init_tiny`]: writes a tiny random-weight model with the SD 1.x architecture.
+//! * [`train`] — fine-tuning the UNet on image–caption data (differentiable UNet, AdamW,
+//!   checkpoints); see its docs for the recipe and its randomness.
 //!
 //! The UNet is candle-transformers' `UNet2DConditionModel`; the VAE decoder is candle's
 //! `AutoEncoderKL`, its encoder is built in [`vae`] from candle's blocks.
@@ -68,6 +70,7 @@ pub mod pipeline;
 pub mod schedulers;
 pub mod tiny;
 pub mod tokenizer;
+pub mod train;
 pub mod vae;
 
 /// candle's tensor crate, for callers that pass noise tensors or read safetensors files.

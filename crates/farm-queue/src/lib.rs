@@ -471,6 +471,10 @@ mod tests {
             guidance_scale: 7.5,
             scheduler: SchedulerName::Pndm,
             object_key: farm_core::object_key("t", job, index, 7),
+            strength: 0.8,
+            vae: None,
+            init_image: None,
+            mask: None,
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use farm_core::{Attempt, TaskRef, TaskSpec, WorkerId};
-use farm_diffusion::{DiffusionError, Txt2Img};
+use farm_diffusion::{DiffusionError, Request, RgbImage};
 use farm_queue::{Delivery, Event, Queue, Timings, WorkerInfo};
 use farm_storage::Storage;
 use sha2::{Digest, Sha256};
@@ -190,6 +190,8 @@ enum TaskError {
     Upload(#[from] farm_storage::StorageError),
     #[error("render thread: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("input image {key}: {message}")]
+    Input { key: String, message: String },
 }
 
 impl TaskError {
@@ -304,12 +306,35 @@ async fn ack(worker: &Worker, id: &str) {
     }
 }
 
+/// Fetches and decodes an input image (init image or mask) from storage.
+async fn input_image(worker: &Worker, key: &str) -> Result<RgbImage, TaskError> {
+    let bytes = worker.storage.get(key).await?;
+    let decoded = image::load_from_memory(&bytes).map_err(|e| TaskError::Input {
+        key: key.to_string(),
+        message: e.to_string(),
+    })?;
+    let rgb = decoded.to_rgb8();
+    Ok(RgbImage {
+        width: rgb.width(),
+        height: rgb.height(),
+        pixels: rgb.into_raw(),
+    })
+}
+
 async fn execute(
     worker: &Arc<Worker>,
     spec: &TaskSpec,
 ) -> Result<(String, String, u64, Timings), TaskError> {
     let started = Instant::now();
-    let model = worker.models.get(&spec.model).await?;
+    let model = worker.models.get(&spec.model, spec.vae.as_deref()).await?;
+    let init_image = match &spec.init_image {
+        Some(key) => Some(input_image(worker, key).await?),
+        None => None,
+    };
+    let mask = match &spec.mask {
+        Some(key) => Some(input_image(worker, key).await?),
+        None => None,
+    };
     let load_ms = started.elapsed().as_millis() as u64;
 
     // Cancellation: a poller flips a flag that the render loop reads between steps.
@@ -362,7 +387,8 @@ async fn execute(
         })
     };
 
-    let request = Txt2Img {
+    let request = Request {
+        mode: models::mode(spec.mode),
         prompt: spec.prompt.clone(),
         negative_prompt: spec.negative_prompt.clone(),
         width: spec.width as usize,
@@ -371,6 +397,12 @@ async fn execute(
         guidance_scale: spec.guidance_scale,
         scheduler: models::scheduler(spec.scheduler),
         seed: spec.seed,
+        num_images: 1,
+        strength: spec.strength,
+        init_image,
+        mask,
+        noise: None,
+        vae_noise: None,
     };
     let render_started = Instant::now();
     let flag = cancelled.clone();
@@ -379,14 +411,19 @@ async fn execute(
             let _ = progress_tx.send((step, total));
             !flag.load(Ordering::Relaxed)
         };
-        model.txt2img(&request, &mut on_step)
+        model.generate(&request, &mut on_step)
     })
     .await;
     stop_polling.cancel();
     let _ = poller.await;
     let _ = forwarder.await;
     let image = match rendered? {
-        Ok(image) => image,
+        Ok(mut images) if !images.is_empty() => images.swap_remove(0),
+        Ok(_) => {
+            return Err(TaskError::Render(DiffusionError::InvalidInput(
+                "no image rendered".into(),
+            )))
+        }
         Err(DiffusionError::Cancelled) => return Err(TaskError::Cancelled),
         Err(e) => return Err(TaskError::Render(e)),
     };

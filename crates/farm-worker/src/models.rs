@@ -69,16 +69,26 @@ impl ModelCache {
         names
     }
 
-    /// The loaded model `name`, loading it on first use (once, however many slots ask).
-    pub async fn get(&self, name: &str) -> Result<Arc<StableDiffusion>, ModelError> {
+    /// The loaded model `name` (with the VAE of model folder `vae`, when given), loading it on
+    /// first use (once, however many slots ask).
+    pub async fn get(
+        &self,
+        name: &str,
+        vae: Option<&str>,
+    ) -> Result<Arc<StableDiffusion>, ModelError> {
+        let cache_key = match vae {
+            Some(v) => format!("{name}+vae:{v}"),
+            None => name.to_string(),
+        };
         let slot: Slot = {
             let mut models = self.models.lock().map_err(|_| ModelError::Load {
                 name: name.to_string(),
                 message: "model cache lock poisoned".into(),
             })?;
-            models.entry(name.to_string()).or_default().clone()
+            models.entry(cache_key).or_default().clone()
         };
         let dir = self.root.join(name);
+        let vae_dir = vae.map(|v| self.root.join(v));
         let device = self.device.clone();
         slot.get_or_try_init(|| async move {
             if !dir.join("model_index.json").is_file() && !dir.join("unet").is_dir() {
@@ -86,6 +96,14 @@ impl ModelCache {
                     name: name.to_string(),
                     path: dir.display().to_string(),
                 });
+            }
+            if let Some(vae_dir) = &vae_dir {
+                if !vae_dir.is_dir() {
+                    return Err(ModelError::NotFound {
+                        name: vae.unwrap_or_default().to_string(),
+                        path: vae_dir.display().to_string(),
+                    });
+                }
             }
             let span = tracing::info_span!("load_model", model = name);
             let started = std::time::Instant::now();
@@ -96,7 +114,7 @@ impl ModelCache {
             };
             let loaded = tokio::task::spawn_blocking(move || {
                 let _enter = span.enter();
-                StableDiffusion::load(&dir, &device, dtype)
+                StableDiffusion::load_with_vae(&dir, vae_dir.as_deref(), &device, dtype)
             })
             .await
             .map_err(|e| ModelError::Load {
@@ -116,6 +134,15 @@ impl ModelCache {
         })
         .await
         .cloned()
+    }
+}
+
+pub(crate) fn mode(mode: farm_core::Mode) -> farm_diffusion::Mode {
+    match mode {
+        farm_core::Mode::Txt2Img => farm_diffusion::Mode::Txt2Img,
+        farm_core::Mode::Img2Img => farm_diffusion::Mode::Img2Img,
+        farm_core::Mode::Inpaint => farm_diffusion::Mode::Inpaint,
+        farm_core::Mode::Reconstruct => farm_diffusion::Mode::Reconstruct,
     }
 }
 

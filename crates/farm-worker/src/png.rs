@@ -21,6 +21,16 @@ pub struct Parameters {
     pub steps: u32,
     pub guidance_scale: f64,
     pub scheduler: String,
+    /// img2img and inpaint only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
+    /// Storage key of the init image, for the modes that start from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
 }
 
 impl Parameters {
@@ -36,6 +46,14 @@ impl Parameters {
             steps: spec.steps,
             guidance_scale: spec.guidance_scale,
             scheduler: spec.scheduler.as_str().to_string(),
+            strength: matches!(
+                spec.mode,
+                farm_core::Mode::Img2Img | farm_core::Mode::Inpaint
+            )
+            .then_some(spec.strength),
+            init_image: spec.init_image.clone(),
+            mask: spec.mask.clone(),
+            vae: spec.vae.clone(),
         }
     }
 }
@@ -126,6 +144,10 @@ mod tests {
             steps: 3,
             guidance_scale: 7.5,
             scheduler: "pndm".into(),
+            strength: None,
+            init_image: None,
+            mask: None,
+            vae: None,
         };
         let bytes = encode(&image, &params).expect("encode");
         assert_eq!(read_parameters(&bytes), Some(params.clone()));
