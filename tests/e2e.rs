@@ -990,3 +990,43 @@ async fn every_mode_runs_on_the_farm_with_uploaded_inputs() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(json["status"], "succeeded");
 }
+
+#[test]
+fn unreachable_services_are_named_without_their_secrets() {
+    let farm_bin = || {
+        let mut cmd = Command::new(FARM);
+        cmd.env("RUST_LOG", "info");
+        cmd
+    };
+    let out = farm_bin()
+        .args(["migrate"])
+        .env(
+            "FARM_DATABASE_URL",
+            "postgres://postgres:s3cret-pw@127.0.0.1:1/farm",
+        )
+        .output()
+        .expect("farm migrate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("127.0.0.1:1") && stderr.contains("start it"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+
+    let models = tempfile::tempdir().expect("tempdir");
+    let out = farm_bin()
+        .args(["worker"])
+        .env("FARM_REDIS_URL", "redis://:s3cret-pw@127.0.0.1:1")
+        .env("FARM_MODELS", models.path())
+        .env("FARM_STORAGE", models.path())
+        .output()
+        .expect("farm worker");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("127.0.0.1:1") && stderr.contains("FARM_REDIS_URL"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+}

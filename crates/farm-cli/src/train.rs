@@ -121,7 +121,11 @@ fn train_blocking(args: TrainArgs, models: &Path, stop: &AtomicBool) -> anyhow::
         trainer
             .resume(ckpt)
             .with_context(|| format!("cannot resume from {}", ckpt.display()))?;
-        eprintln!("resumed from {} at step {}", ckpt.display(), trainer.step_count());
+        eprintln!(
+            "resumed from {} at step {}",
+            ckpt.display(),
+            trainer.step_count()
+        );
     }
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create {}", args.output.display()))?;
@@ -154,9 +158,14 @@ fn train_blocking(args: TrainArgs, models: &Path, stop: &AtomicBool) -> anyhow::
         let report = trainer.step()?;
         last_loss = Some(report.loss);
         if let Some(f) = metrics.as_mut() {
-            writeln!(f, "{}", serde_json::json!({"step": report.step, "loss": report.loss}))
-                .and_then(|_| f.flush())
-                .context("cannot write the metrics file")?;
+            // Written by hand to keep the documented key order; the loss is finite.
+            writeln!(
+                f,
+                "{{\"step\": {}, \"loss\": {}}}",
+                report.step, report.loss
+            )
+            .and_then(|_| f.flush())
+            .context("cannot write the metrics file")?;
         }
         let checkpoint_due = args
             .checkpoint_every

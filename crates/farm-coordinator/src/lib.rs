@@ -101,7 +101,8 @@ pub(crate) struct Shared {
 pub async fn connect_store(database_url: &str) -> anyhow::Result<Store> {
     Store::connect(database_url).await.with_context(|| {
         format!(
-            "cannot use Postgres at {database_url}; start it (e.g. `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`) or set FARM_DATABASE_URL"
+            "cannot use Postgres at {}; start it (e.g. `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`) or set FARM_DATABASE_URL",
+            farm_core::redact_url(database_url)
         )
     })
 }
@@ -114,7 +115,8 @@ pub async fn drop_database(database_url: &str) -> anyhow::Result<()> {
 pub async fn connect_queue(redis_url: &str, prefix: &str) -> anyhow::Result<Queue> {
     Queue::connect(redis_url, prefix).await.with_context(|| {
         format!(
-            "cannot reach Redis at {redis_url}; start it (e.g. `redis-server --daemonize yes --port 6379`) or set FARM_REDIS_URL"
+            "cannot reach Redis at {}; start it (e.g. `redis-server --daemonize yes --port 6379`) or set FARM_REDIS_URL",
+            farm_core::redact_url(redis_url)
         )
     })
 }

@@ -163,7 +163,7 @@ impl Store {
     /// Connects to `url`, creating the database if it does not exist, and applies migrations.
     pub async fn connect(url: &str) -> Result<Self> {
         let connect_err = |source| StoreError::Connect {
-            url: url.to_string(),
+            url: farm_core::redact_url(url),
             source,
         };
         let options = PgConnectOptions::from_str(url).map_err(connect_err)?;
@@ -209,7 +209,7 @@ impl Store {
     /// Drops the database `url` names, disconnecting its sessions.
     pub async fn drop_database(url: &str) -> Result<()> {
         let connect_err = |source| StoreError::Connect {
-            url: url.to_string(),
+            url: farm_core::redact_url(url),
             source,
         };
         let options = PgConnectOptions::from_str(url).map_err(connect_err)?;

@@ -308,3 +308,10 @@ fn batch_order_is_a_permutation_per_epoch() {
         .collect();
     assert_eq!(order, again);
 }
+
+#[test]
+fn trainer_can_move_to_a_worker_thread() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Trainer>();
+    assert_send::<UNetTrainer>();
+}

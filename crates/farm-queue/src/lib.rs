@@ -155,7 +155,7 @@ impl Queue {
     /// Connects (failing fast when Redis is down) and creates the consumer groups.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, QueueError> {
         let err = |source| QueueError::Redis {
-            url: url.to_string(),
+            url: farm_core::redact_url(url),
             source,
         };
         let client = redis::Client::open(url).map_err(err)?;
@@ -173,7 +173,7 @@ impl Queue {
         .await
         .map_err(err)?;
         let queue = Queue {
-            url: url.to_string(),
+            url: farm_core::redact_url(url),
             keys: Keys::new(prefix),
             conn,
             blocking,
@@ -450,6 +450,23 @@ fn decode<T: for<'de> Deserialize<'de>>(id: &str, value: Option<&Value>) -> Resu
 mod tests {
     use super::*;
     use farm_core::{Mode, SchedulerName};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever lands in a stream, decoding answers with a message or an error, never a
+        /// panic.
+        #[test]
+        fn decoding_arbitrary_payloads_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..512), text in ".{0,200}") {
+            let _ = decode::<TaskSpec>("1-0", Some(&Value::BulkString(raw.clone())));
+            let _ = decode::<Event>("1-0", Some(&Value::BulkString(raw)));
+            let _ = decode::<Event>("1-0", Some(&Value::SimpleString(text.clone())));
+            let _ = decode::<TaskSpec>("1-0", Some(&Value::Int(3)));
+            let _ = decode::<TaskSpec>("1-0", None);
+            // Valid JSON of the wrong shape is refused too.
+            let json = serde_json::json!({"type": "started", "task": text});
+            prop_assert!(decode::<Event>("1-0", Some(&Value::BulkString(json.to_string().into_bytes()))).is_err());
+        }
+    }
 
     fn redis_url() -> String {
         std::env::var("FARM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

@@ -87,7 +87,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         .with_context(|| {
             format!(
                 "cannot reach Redis at {}; start it (e.g. `redis-server --daemonize yes --port 6379`) or set FARM_REDIS_URL",
-                config.redis_url
+                farm_core::redact_url(&config.redis_url)
             )
         })?;
     let storage =

@@ -271,6 +271,13 @@ impl TrainUNet {
             candle_core::bail!("the UNet has no blocks");
         };
         let n = channels.len();
+        if n > 1 && c.downsample_padding != 1 {
+            // diffusers pads asymmetrically when downsample_padding is 0.
+            candle_core::bail!(
+                "downsample_padding {} is not supported for training (only 1)",
+                c.downsample_padding
+            );
+        }
         let temb = time_embed_dim(cfg);
         let conv_in = Conv2d::new(&root.pp("conv_in"), cfg.in_channels, first, 3, 1, 1)?;
         let time_linear_1 = Linear::new(&root.pp("time_embedding.linear_1"), first, temb, true)?;
