@@ -456,6 +456,19 @@ async fn bulk_job_flows_through_the_farm_into_s3() {
     // The tiny model's images differ by seed.
     assert_ne!(job.tasks[0].sha256, job.tasks[1].sha256);
 
+    // Images are handed out as expiring presigned URLs, never with storage credentials.
+    let image = client
+        .get_task_image(pb::GetTaskImageRequest {
+            job_id: id.clone(),
+            index: 0,
+        })
+        .await
+        .expect("image")
+        .into_inner();
+    assert!(image.png.is_empty());
+    assert!(image.url.contains("X-Amz-Signature") && image.url.contains("X-Amz-Expires"), "{}", image.url);
+    assert!(!image.url.contains("AWS_SECRET") && image.url_expires_at_ms > 0);
+
     // Same seed and prompt, another job: the same bytes.
     let again = submit(&mut client, spec(&PROMPTS[..1], &[1], 4), "").await;
     let again = wait_done(&farm, &again.job.expect("job").id, Duration::from_secs(120)).await;

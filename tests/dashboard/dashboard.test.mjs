@@ -153,7 +153,7 @@ try {
 
   await page.goto(URL_ + '/workers');
   await page.waitForSelector('[data-testid=workers] tr[data-worker] .badge[data-status=online]');
-  await page.waitForFunction(() => /\d+\/300/.test(document.querySelector('[data-testid=workers] td.current')?.textContent || ''), null, { timeout: 60_000 });
+  await page.waitForFunction(() => /\d+\/\d+ · [\d.]+ s\/step/.test(document.querySelector('[data-testid=workers] td.current')?.textContent || ''), null, { timeout: 60_000 });
   log('workers:', (await page.textContent('[data-testid=workers] tbody')).replace(/\s+/g, ' '));
   await page.screenshot({ path: join(SHOTS, 'workers.png'), fullPage: true });
   await page.request.post(`${URL_}/api/jobs/${jobC}/cancel`, { headers: { 'x-farm-request': '1' } });

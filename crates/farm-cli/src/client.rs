@@ -563,11 +563,25 @@ pub async fn download(
             .map_err(|s| rpc_error("fetch", s))?
             .into_inner();
         let path = out.join(format!("{:06}-{}.png", task.index, task.seed));
-        std::fs::write(&path, &image.png)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let bytes = if image.url.is_empty() {
+            image.png
+        } else {
+            fetch_url(&image.url)
+                .await
+                .with_context(|| format!("image {} of job {}", task.index, job.id))?
+        };
+        std::fs::write(&path, &bytes).with_context(|| format!("cannot write {}", path.display()))?;
         written.push((task.clone(), path));
     }
     Ok(written)
+}
+
+/// GETs a presigned URL (no credentials needed).
+async fn fetch_url(url: &str) -> anyhow::Result<Vec<u8>> {
+    let response = reqwest::get(url).await.context("cannot download the image")?;
+    let status = response.status();
+    anyhow::ensure!(status.is_success(), "downloading the image answered {status}");
+    Ok(response.bytes().await.context("cannot download the image")?.to_vec())
 }
 
 pub fn write_grid(paths: &[PathBuf], rows: u32, cols: u32, out: &Path) -> anyhow::Result<()> {

@@ -24,6 +24,8 @@ use crate::store::StoreError;
 use crate::{Shared, Update};
 
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// How long a presigned image URL stays valid.
+const IMAGE_URL_TTL: Duration = Duration::from_secs(15 * 60);
 const WATCH_POLL: Duration = Duration::from_secs(1);
 /// Rows committed slightly out of `updated_at` order are still seen by a watcher.
 const WATCH_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
@@ -328,15 +330,23 @@ impl JobService for Api {
                 )))
             }
         };
-        let png = self
-            .shared
-            .storage
-            .get(&key)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let storage = &self.shared.storage;
+        let unavailable = |e: farm_storage::StorageError| Status::unavailable(e.to_string());
+        if let Some(url) = storage.presigned_get(&key, IMAGE_URL_TTL).await.map_err(unavailable)? {
+            let expires = chrono::Utc::now() + IMAGE_URL_TTL;
+            return Ok(Response::new(pb::TaskImage {
+                object_key: key,
+                png: Vec::new(),
+                url,
+                url_expires_at_ms: expires.timestamp_millis(),
+            }));
+        }
+        let png = storage.get(&key).await.map_err(unavailable)?;
         Ok(Response::new(pb::TaskImage {
             object_key: key,
             png: png.to_vec(),
+            url: String::new(),
+            url_expires_at_ms: 0,
         }))
     }
 }

@@ -36,6 +36,8 @@ pub struct Storage {
     store: Arc<dyn ObjectStore>,
     /// For `file://` storage: the root folder, so callers can show real paths.
     local_root: Option<PathBuf>,
+    /// For S3: signs expiring GET URLs.
+    signer: Option<Arc<object_store::aws::AmazonS3>>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -78,10 +80,12 @@ impl Storage {
             let store = builder
                 .build()
                 .map_err(|e| config(format!("{e}; set AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (and AWS_ALLOW_HTTP=true for http endpoints)")))?;
+            let store = Arc::new(store);
             return Ok(Storage {
                 uri: uri.to_string(),
-                store: Arc::new(store),
+                store: store.clone(),
                 local_root: None,
+                signer: Some(store),
             });
         }
         let path = match uri.strip_prefix("file://") {
@@ -108,6 +112,7 @@ impl Storage {
             uri: format!("file://{}", root.display()),
             store: Arc::new(store),
             local_root: Some(root),
+            signer: None,
         })
     }
 
@@ -163,6 +168,21 @@ impl Storage {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// An expiring URL that GETs `key` without credentials, where the store can sign one
+    /// (S3); `None` for a local folder.
+    pub async fn presigned_get(&self, key: &str, expires_in: Duration) -> Result<Option<String>, StorageError> {
+        use object_store::signer::Signer;
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let path = Self::path(key)?;
+        let url = signer
+            .signed_url(http::Method::GET, &path, expires_in)
+            .await
+            .map_err(|e| self.object_error(key, e))?;
+        Ok(Some(url.to_string()))
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes, StorageError> {

@@ -98,8 +98,16 @@ impl Live {
             .and_then(|w| w.get(worker).cloned())
             .unwrap_or_default()
             .into_iter()
-            .filter(|t| now.duration_since(t.at) < STALE)
+            .filter(|t| now.duration_since(t.at) < t.fresh_for())
             .collect()
+    }
+}
+
+impl TaskLive {
+    /// A running task reports every step (or every 250 ms); silence longer than this means
+    /// it ended (e.g. cancelled after its last report).
+    fn fresh_for(&self) -> Duration {
+        Duration::from_secs_f64((3.0 * self.secs_per_step.unwrap_or(0.0)).clamp(5.0, 600.0))
     }
 }
 

@@ -477,7 +477,10 @@ async function workersPage(main) {
   const current = (w) => {
     const fromServer = (w.current || []).map((c) => ({ ...c, total: c.total_steps, rate: c.secs_per_step }));
     const mine = live.get(w.id);
-    const list = mine && mine.size ? [...mine.values()].filter((c) => performance.now() - c.at < 30000) : fromServer;
+    // Progress comes every step or 250 ms while a task runs; older means it ended.
+    const fresh = (c) => performance.now() - c.at < Math.max(5000, 3000 * (c.rate || 0));
+    const list = mine && mine.size ? [...mine.values()].filter(fresh)
+      : fromServer.filter((c) => c.age_secs < Math.max(5, 3 * (c.rate || 0)));
     if (!list.length) return w.running ? h('span', { class: 'muted', text: `${w.running} task(s)` }) : h('span', { class: 'muted', text: 'idle' });
     return h('div', {}, list.map((c) => {
       const bar = h('div', { class: 'bar' });
