@@ -317,7 +317,11 @@ fn dashboard_in_headless_chromium() {
     for shot in ["overview.png", "jobs.png", "job.png", "workers.png"] {
         let path = shots.join(shot);
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        assert!(size > 1000, "screenshot {} missing or empty", path.display());
+        assert!(
+            size > 1000,
+            "screenshot {} missing or empty",
+            path.display()
+        );
     }
     println!("screenshots in {}", shots.display());
 }
@@ -421,8 +425,18 @@ fn webhook_metrics_health_and_tenants() {
     let id = farm.submit(
         &farm.token,
         &[
-            "--prompt", "a lighthouse", "--seeds", "1,2", "--steps", "3", "--width", "64",
-            "--height", "64", "--webhook-url", &url,
+            "--prompt",
+            "a lighthouse",
+            "--seeds",
+            "1,2",
+            "--steps",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--webhook-url",
+            &url,
         ],
     );
     let job = farm.wait_job(&id, Duration::from_secs(120));
@@ -473,12 +487,26 @@ fn webhook_metrics_health_and_tenants() {
     // Metrics: gauges from the database, histograms and counters from the loops.
     let (status, text) = farm.get("/metrics", None);
     assert_eq!(status, 200);
-    assert_eq!(metric(&text, "farm_tasks{state=\"succeeded\"}"), Some(2.0), "{text}");
-    assert_eq!(metric(&text, "farm_workers_online"), Some(1.0), "{text}");
-    assert_eq!(metric(&text, "farm_task_render_seconds_count"), Some(2.0), "{text}");
-    assert!(metric(&text, "farm_upload_bytes_total").unwrap_or(0.0) > 0.0, "{text}");
     assert_eq!(
-        metric(&text, "farm_webhook_deliveries_total{outcome=\"delivered\"}"),
+        metric(&text, "farm_tasks{state=\"succeeded\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "farm_workers_online"), Some(1.0), "{text}");
+    assert_eq!(
+        metric(&text, "farm_task_render_seconds_count"),
+        Some(2.0),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "farm_upload_bytes_total").unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "farm_webhook_deliveries_total{outcome=\"delivered\"}"
+        ),
         Some(1.0),
         "{text}"
     );
@@ -498,11 +526,34 @@ fn webhook_metrics_health_and_tenants() {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
 
+    // Every metric the Grafana dashboard charts exists.
+    let grafana = std::fs::read_to_string(repo_root().join("deploy/grafana/farm.json"))
+        .expect("deploy/grafana/farm.json");
+    let names: std::collections::BTreeSet<&str> = grafana
+        .match_indices("farm_")
+        .map(|(i, _)| {
+            let rest = &grafana[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|n| n.len() > "farm_".len() && *n != "farm_overview")
+        .collect();
+    assert!(names.len() > 10, "{names:?}");
+    for name in names {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "the Grafana dashboard charts {name}, which /metrics lacks"
+        );
+    }
+
     // Tenants: another tenant sees neither the job nor its image; no token, nothing.
     let acme = farm.create_token("acme", false);
     assert_eq!(farm.get(&format!("/api/jobs/{id}"), Some(&acme)).0, 404);
     assert_eq!(
-        farm.get(&format!("/api/jobs/{id}/tasks/0/image"), Some(&acme)).0,
+        farm.get(&format!("/api/jobs/{id}/tasks/0/image"), Some(&acme))
+            .0,
         404
     );
     let (status, body) = farm.get("/api/jobs", Some(&acme));

@@ -229,6 +229,10 @@ impl Farm {
     }
 
     fn start_coordinator(&mut self) {
+        self.start_coordinator_with(&[]);
+    }
+
+    fn start_coordinator_with(&mut self, extra: &[&str]) {
         let child = self
             .command()
             .args([
@@ -238,6 +242,7 @@ impl Farm {
                 "--http-addr",
                 &format!("127.0.0.1:{}", self.http_port),
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("start coordinator");
@@ -466,7 +471,11 @@ async fn bulk_job_flows_through_the_farm_into_s3() {
         .expect("image")
         .into_inner();
     assert!(image.png.is_empty());
-    assert!(image.url.contains("X-Amz-Signature") && image.url.contains("X-Amz-Expires"), "{}", image.url);
+    assert!(
+        image.url.contains("X-Amz-Signature") && image.url.contains("X-Amz-Expires"),
+        "{}",
+        image.url
+    );
     assert!(!image.url.contains("AWS_SECRET") && image.url_expires_at_ms > 0);
 
     // Same seed and prompt, another job: the same bytes.
@@ -1042,4 +1051,60 @@ fn unreachable_services_are_named_without_their_secrets() {
         "{stderr}"
     );
     assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_is_served_over_tls_with_a_given_certificate() {
+    let mut farm = Farm::new(0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A test CA and a server certificate it signed, made with openssl.
+    let (cert, key, ca) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("ca.pem"),
+    );
+    std::fs::write(
+        dir.path().join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .expect("ext");
+    let script = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=farm-test-ca -keyout ca.key -out ca.pem \
+         && openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out req.csr \
+         && openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile san.ext -out cert.pem";
+    let made = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(made.success());
+    farm.kill_coordinator();
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    farm.start_coordinator_with(&["--tls-cert", &c, "--tls-key", &k]);
+
+    let https = format!("https://localhost:{}", farm.grpc_port);
+    let out = farm
+        .command()
+        .args(["list"])
+        .env("FARM_COORDINATOR", &https)
+        .env("FARM_TLS_CA", &ca)
+        .output()
+        .expect("farm list");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("JOB"));
+    // Without trusting the certificate, or in plain text, nothing gets through.
+    let out = farm
+        .command()
+        .args(["list"])
+        .env("FARM_COORDINATOR", &https)
+        .output()
+        .expect("farm list");
+    assert!(!out.status.success());
+    let out = farm.command().args(["list"]).output().expect("farm list");
+    assert!(!out.status.success());
 }

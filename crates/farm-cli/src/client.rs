@@ -166,6 +166,18 @@ async fn channel(settings: &Settings) -> anyhow::Result<Channel> {
             format!("FARM_COORDINATOR {url:?} is not a URL like http://127.0.0.1:50051")
         })?
         .connect_timeout(Duration::from_secs(5));
+    let endpoint = if url.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+        if let Some(ca) = &settings.tls_ca {
+            let pem = std::fs::read(ca).with_context(|| format!("FARM_TLS_CA {}: cannot read it", ca.display()))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        endpoint
+            .tls_config(tls)
+            .context("cannot set up TLS for FARM_COORDINATOR")?
+    } else {
+        endpoint
+    };
     endpoint.connect().await.with_context(|| {
         format!("cannot reach the coordinator at {url}; start one with `farm coordinator` (or `farm dev`), or set FARM_COORDINATOR")
     })

@@ -77,6 +77,9 @@ pub struct Settings {
     /// ./farm-data/token).
     #[arg(long, global = true, env = "FARM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM CA certificate to trust for an https:// FARM_COORDINATOR (default: the system's).
+    #[arg(long, global = true, env = "FARM_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, global = true, env = "FARM_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -105,6 +108,12 @@ enum Command {
         /// Seconds a running task may go without a heartbeat before it is requeued.
         #[arg(long, default_value_t = 30)]
         run_lease_secs: u64,
+        /// Serve gRPC over TLS with this PEM certificate chain (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// Signs webhook calls: `x-farm-signature: sha256=HMAC-SHA256(secret, "<ts>.<body>")`.
         #[arg(long, env = "FARM_WEBHOOK_SECRET", hide_env_values = true)]
         webhook_secret: Option<String>,
@@ -327,12 +336,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             id,
             queue_lease_secs,
             run_lease_secs,
+            tls_cert,
+            tls_key,
             webhook_secret,
         } => {
             let mut config = settings.coordinator_config(&addrs);
             config.id = id;
             config.queue_lease = Duration::from_secs(queue_lease_secs.max(1));
             config.run_lease = Duration::from_secs(run_lease_secs.max(1));
+            config.tls = tls_cert.zip(tls_key);
             config.webhook_secret = webhook_secret.filter(|s| !s.is_empty());
             farm_coordinator::run(config, shutdown_on_signal()).await
         }

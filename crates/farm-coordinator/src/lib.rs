@@ -47,6 +47,8 @@ pub struct CoordinatorConfig {
     /// The most unfinished tasks one tenant may have; a submit beyond it is refused with
     /// `RESOURCE_EXHAUSTED`.
     pub tenant_quota: Option<u64>,
+    /// PEM certificate chain and private key: serve gRPC over TLS.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Signs webhook calls (`x-farm-signature`); unsigned without one.
     pub webhook_secret: Option<String>,
 }
@@ -64,6 +66,7 @@ impl CoordinatorConfig {
             queue_lease: Duration::from_secs(600),
             run_lease: Duration::from_secs(30),
             tenant_quota: Some(1_000_000),
+            tls: None,
             webhook_secret: None,
         }
     }

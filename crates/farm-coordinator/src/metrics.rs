@@ -265,14 +265,20 @@ impl Metrics {
                 .unwrap_or(0.0),
         );
         let models = store.queue_by_model(None).await?;
+        let workers = store.workers().await?;
+        let online: Vec<_> = workers.iter().filter(|w| w.online).collect();
         self.queue_depth.reset();
+        // Models an online worker can load show as 0 rather than vanish when idle.
+        for w in &online {
+            for model in &w.info.available {
+                self.queue_depth.with_label_values(&[model.as_str()]).set(0);
+            }
+        }
         for m in &models {
             self.queue_depth
                 .with_label_values(&[m.model.as_str()])
                 .set((m.pending + m.queued) as i64);
         }
-        let workers = store.workers().await?;
-        let online: Vec<_> = workers.iter().filter(|w| w.online).collect();
         self.workers_online.set(online.len() as i64);
         self.worker_slots
             .set(online.iter().map(|w| i64::from(w.info.concurrency)).sum());

@@ -42,11 +42,21 @@ pub(crate) async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let mut server = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &shared.config.tls {
+        let read = |p: &std::path::Path, flag: &str| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", p.display()))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(cert, "--tls-cert")?, read(key, "--tls-key")?);
+        server = server
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key: {e}"))?;
+    }
     let api = Api {
         shared,
         auth: Arc::new(Authenticator::default()),
     };
-    tonic::transport::Server::builder()
+    server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

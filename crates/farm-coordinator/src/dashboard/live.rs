@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use farm_core::TaskRef;
+use farm_core::{JobId, TaskRef};
 
 /// Progress older than this is not shown (the task ended or its worker went quiet).
 const STALE: Duration = Duration::from_secs(30);
@@ -24,6 +24,8 @@ pub(crate) struct TaskLive {
 #[derive(Default)]
 pub(crate) struct Live {
     workers: Mutex<HashMap<String, Vec<TaskLive>>>,
+    /// Jobs cancelled here lately: reports still in flight from their workers are dropped.
+    ended: Mutex<HashMap<JobId, Instant>>,
 }
 
 impl Live {
@@ -37,6 +39,14 @@ impl Live {
         worker: &str,
     ) -> Option<f64> {
         let now = Instant::now();
+        if let Ok(ended) = self.ended.lock() {
+            if ended
+                .get(&task.job)
+                .is_some_and(|at| now.duration_since(*at) < STALE)
+            {
+                return None;
+            }
+        }
         let Ok(mut workers) = self.workers.lock() else {
             return None;
         };
@@ -89,6 +99,20 @@ impl Live {
         }
     }
 
+    /// The job was cancelled: forget its tasks, and ignore their last reports.
+    pub fn job_ended(&self, job: JobId) {
+        let now = Instant::now();
+        if let Ok(mut ended) = self.ended.lock() {
+            ended.retain(|_, at| now.duration_since(*at) < STALE);
+            ended.insert(job, now);
+        }
+        if let Ok(mut workers) = self.workers.lock() {
+            for tasks in workers.values_mut() {
+                tasks.retain(|t| t.task.job != job);
+            }
+        }
+    }
+
     /// The recent progress of `worker`'s tasks.
     pub fn of(&self, worker: &str) -> Vec<TaskLive> {
         let now = Instant::now();
@@ -114,7 +138,6 @@ impl TaskLive {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use farm_core::JobId;
 
     #[test]
     fn measures_seconds_per_step_and_forgets_changed_tasks() {
@@ -135,6 +158,9 @@ mod tests {
         live.progress(task, 1, 10, "w2");
         assert!(live.of("w1").is_empty());
         live.changed(task);
+        assert!(live.of("w2").is_empty());
+        live.job_ended(task.job);
+        live.progress(task, 4, 10, "w2");
         assert!(live.of("w2").is_empty());
     }
 }

@@ -555,6 +555,7 @@ async fn cancel(
         tracing::warn!(job = %id, error = %e, "could not tell workers about the cancel");
     }
     tracing::info!(job = %id, tenant = %caller.tenant, "job cancelled from the dashboard");
+    d.live.job_ended(id);
     let _ = d
         .shared
         .updates

@@ -109,7 +109,8 @@ function jobBar(job, partial, big) {
   });
   const seg = (cls, n) => { const s = h('span', { class: cls }); s.style.width = pct(n); return s; };
   bar.append(seg('ok', job.tasks_succeeded), seg('bad', job.tasks_failed), seg('cx', job.tasks_cancelled), seg('part', part));
-  const txt = `${job.tasks_succeeded}/${job.tasks_total}` + (job.tasks_failed ? ` · ${job.tasks_failed} failed` : '');
+  const txt = `${job.tasks_succeeded}/${job.tasks_total}` + (job.tasks_failed ? ` · ${job.tasks_failed} failed` : '') +
+    (job.tasks_cancelled ? ` · ${job.tasks_cancelled} cancelled` : '');
   return h('div', { class: 'progress' }, bar, h('span', { class: 'txt', text: txt }));
 }
 
