@@ -72,6 +72,10 @@ impl Farm {
         let tiny = farm.dir.path().join("models/tiny");
         let out = farm.farm(&["model", "init-tiny", &tiny.display().to_string()]);
         assert!(out.status.success(), "init-tiny: {}", stderr(&out));
+        // A model folder that cannot load: its tasks fail (for Retry failed).
+        let broken = farm.dir.path().join("models/broken");
+        std::fs::create_dir_all(&broken).expect("mkdir");
+        std::fs::write(broken.join("model_index.json"), "{}").expect("write");
         farm.token = farm.create_token("ops", true);
         let coordinator = farm
             .command()

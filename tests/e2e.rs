@@ -258,7 +258,8 @@ impl Farm {
     fn start_worker(&mut self) {
         let child = self
             .command()
-            .args(["worker", "--concurrency", "1"])
+            .args(["worker", "--concurrency", "1", "--id"])
+            .arg(format!("{}-w{}", self.name, self.workers.len()))
             .stdout(Stdio::null())
             .spawn()
             .expect("start worker");
@@ -1107,4 +1108,166 @@ async fn grpc_is_served_over_tls_with_a_given_certificate() {
     assert!(!out.status.success());
     let out = farm.command().args(["list"]).output().expect("farm list");
     assert!(!out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finetune_resumes_after_a_kill_and_publishes_a_model() {
+    let mut farm = Farm::new(2);
+    farm.kill_coordinator();
+    farm.start_coordinator_with(&["--run-lease-secs", "3"]);
+    farm.wait_workers_online(2).await;
+    let mut client = farm.client().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    for (i, caption) in ["a red square", "a green field", "a blue sky"]
+        .iter()
+        .enumerate()
+    {
+        let png = png_bytes(64, 64, |x, y| {
+            [(x * 4) as u8 ^ (i as u8 * 80), (y * 4) as u8, 60 * i as u8]
+        });
+        std::fs::write(data.path().join(format!("{i}.png")), png).expect("image");
+        std::fs::write(data.path().join(format!("{i}.txt")), caption).expect("caption");
+    }
+    let files: Vec<pb::DatasetFile> = std::fs::read_dir(data.path())
+        .expect("dataset")
+        .map(|e| {
+            let path = e.expect("entry").path();
+            pb::DatasetFile {
+                name: path
+                    .file_name()
+                    .expect("name")
+                    .to_string_lossy()
+                    .into_owned(),
+                data: std::fs::read(&path).expect("read"),
+            }
+        })
+        .collect();
+    let finetune = |output: &str, resolution: u32| pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            mode: "finetune".into(),
+            model: "tiny".into(),
+            output_model: output.into(),
+            train_steps: 24,
+            checkpoint_every: 4,
+            resolution,
+            ..Default::default()
+        }),
+        dataset_files: files.clone(),
+        ..Default::default()
+    };
+    let bad = client
+        .submit_job(finetune("mine", 100))
+        .await
+        .expect_err("resolution 100");
+    assert!(bad.message().starts_with("resolution"), "{}", bad.message());
+    let id = client
+        .submit_job(finetune("mine", 64))
+        .await
+        .expect("finetune")
+        .into_inner()
+        .job
+        .expect("job")
+        .id;
+
+    // Follow the steps; once a checkpoint is stored (step > 4), kill the worker training.
+    let mut events = client
+        .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut killed = false;
+    let mut steps_after_kill = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(60), events.message())
+        .await
+        .expect("watch went quiet")
+        .expect("watch stream")
+    {
+        assert!(Instant::now() < deadline, "finetune did not finish");
+        match event.event {
+            Some(pb::job_event::Event::Progress(p)) => {
+                assert!(p.loss.is_some_and(f32::is_finite), "{p:?}");
+                if killed {
+                    steps_after_kill.push(p.step);
+                } else if p.step >= 6 {
+                    let slot = farm.workers.iter().position(|_| true).expect("workers");
+                    let target = format!("{}-w", farm.name);
+                    let index: usize = p
+                        .worker
+                        .strip_prefix(&target)
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(slot);
+                    farm.workers.remove(index);
+                    killed = true;
+                }
+            }
+            Some(pb::job_event::Event::Snapshot(job)) if is_terminal(&job) => break,
+            _ => {}
+        }
+    }
+    let job = wait_done(&farm, &id, Duration::from_secs(60)).await;
+    assert_eq!(job.status, pb::JobStatus::Succeeded as i32, "{job:?}");
+    assert_eq!(job.tasks[0].attempts, 2, "{job:?}");
+    // The second attempt resumed from the stored checkpoint instead of starting over.
+    let first = steps_after_kill
+        .iter()
+        .min()
+        .copied()
+        .expect("progress after the kill");
+    assert!(first > 1, "restarted from scratch: {steps_after_kill:?}");
+    assert_eq!(steps_after_kill.iter().max().copied(), Some(24));
+    assert!(job.tasks[0]
+        .object_key
+        .ends_with("/models/mine/model_index.json"));
+
+    // The published model renders on a worker that never had it, and its name is taken.
+    let mut render = spec(&PROMPTS[..1], &[1], 2);
+    render.model = "mine".into();
+    let rendered = client
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(render),
+            ..Default::default()
+        })
+        .await
+        .expect("render")
+        .into_inner();
+    let rendered = wait_done(
+        &farm,
+        &rendered.job.expect("job").id,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        rendered.status,
+        pb::JobStatus::Succeeded as i32,
+        "{rendered:?}"
+    );
+    let taken = client
+        .submit_job(finetune("mine", 64))
+        .await
+        .expect_err("name taken");
+    assert_eq!(
+        taken.code(),
+        tonic::Code::AlreadyExists,
+        "{}",
+        taken.message()
+    );
+
+    // The CLI refuses an empty dataset folder with a message that says what to do.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let out = farm.farm(&[
+        "submit",
+        "--mode",
+        "finetune",
+        "--output-model",
+        "other",
+        "--data",
+        &empty.path().display().to_string(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("captions"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -158,6 +158,18 @@ try {
   await page.screenshot({ path: join(SHOTS, 'workers.png'), fullPage: true });
   await page.request.post(`${URL_}/api/jobs/${jobC}/cancel`, { headers: { 'x-farm-request': '1' } });
 
+  // --- Retry failed: a task of a model that cannot load fails; Retry gives it another attempt.
+  const jobD = submit(ADMIN, '--model', 'broken', '--prompt', 'doomed', '--seeds', '7', '--steps', '2', '--max-attempts', '1');
+  await page.goto(`${URL_}/jobs/${jobD}`);
+  await page.waitForSelector('[data-testid=job-status] .badge[data-status=failed]', { timeout: 60_000 });
+  const error = await page.textContent('[data-testid=tasks] td.error');
+  assert.ok(error.length > 0, 'the task shows its error');
+  assert.equal(await page.isDisabled('[data-testid=retry]'), false);
+  await page.click('[data-testid=retry]');
+  await page.waitForFunction(() => document.querySelector('[data-testid=tasks] tr[data-index="0"] td:nth-child(5)')?.textContent === '2', null, { timeout: 60_000 });
+  await page.waitForSelector('[data-testid=job-status] .badge[data-status=failed]', { timeout: 60_000 });
+  log('retry failed: attempt 2 ran; error:', error.slice(0, 100));
+
   // --- A cross-site style POST (no x-farm-request header) is refused.
   const forged = await page.request.post(`${URL_}/api/jobs/${jobA}/retry`);
   assert.equal(forged.status(), 403);

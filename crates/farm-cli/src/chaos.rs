@@ -68,7 +68,7 @@ pub struct ChaosReport {
 }
 
 /// A child process, SIGKILLed on drop.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -77,11 +77,11 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn wait_for_port(port: u16, what: &str) -> anyhow::Result<()> {
+pub(crate) fn wait_for_port(port: u16, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
@@ -92,19 +92,20 @@ fn wait_for_port(port: u16, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Farm {
-    exe: PathBuf,
-    env: Vec<(String, String)>,
-    grpc_port: u16,
-    redis_port: u16,
-    coordinator: Option<Proc>,
-    redis: Option<Proc>,
-    workers: HashMap<usize, (String, Proc)>,
-    generation: u32,
+/// A farm of child processes (shared with `farm bench orchestration`).
+pub(crate) struct Farm {
+    pub(crate) exe: PathBuf,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) grpc_port: u16,
+    pub(crate) redis_port: u16,
+    pub(crate) coordinator: Option<Proc>,
+    pub(crate) redis: Option<Proc>,
+    pub(crate) workers: HashMap<usize, (String, Proc)>,
+    pub(crate) generation: u32,
 }
 
 impl Farm {
-    fn command(&self) -> Command {
+    pub(crate) fn command(&self) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "error")
@@ -113,7 +114,7 @@ impl Farm {
         cmd
     }
 
-    fn start_redis(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn start_redis(&mut self) -> anyhow::Result<()> {
         let child = Command::new("redis-server")
             .args([
                 "--bind",
@@ -129,7 +130,7 @@ impl Farm {
         wait_for_port(self.redis_port, "redis-server")
     }
 
-    fn start_coordinator(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn start_coordinator(&mut self) -> anyhow::Result<()> {
         let child = self
             .command()
             .args([
@@ -157,7 +158,7 @@ impl Farm {
     }
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
@@ -165,7 +166,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -447,7 +448,7 @@ fn append_report(path: &Path, r: &ChaosReport) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("farm-chaos-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)

@@ -83,6 +83,25 @@ pub struct SubmitArgs {
     /// A model folder whose VAE replaces the model's own.
     #[arg(long, default_value = "")]
     pub vae: String,
+    /// finetune: the dataset, a local folder (uploaded with the job: images with same-named
+    /// .txt captions, or metadata.jsonl) or `storage:PREFIX` already in the farm's storage.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// finetune: the name the trained model is published under.
+    #[arg(long, default_value = "")]
+    pub output_model: String,
+    /// finetune: images per training step (default 1).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    pub batch_size: u32,
+    /// finetune: AdamW learning rate (default 1e-4).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// finetune: square training size, a multiple of 8 (default: the model's).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    pub resolution: u32,
+    /// finetune: checkpoint every K steps (default: a tenth of the steps).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    pub checkpoint_every: u32,
     /// Images per prompt (the same as --count: seeds SEED..SEED+N-1).
     #[arg(long, conflicts_with_all = ["seeds", "count"])]
     pub num_images: Option<u32>,
@@ -169,7 +188,8 @@ async fn channel(settings: &Settings) -> anyhow::Result<Channel> {
     let endpoint = if url.starts_with("https://") {
         let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
         if let Some(ca) = &settings.tls_ca {
-            let pem = std::fs::read(ca).with_context(|| format!("FARM_TLS_CA {}: cannot read it", ca.display()))?;
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("FARM_TLS_CA {}: cannot read it", ca.display()))?;
             tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
         }
         endpoint
@@ -193,6 +213,9 @@ pub async fn jobs_client(settings: &Settings) -> anyhow::Result<Jobs> {
 
 fn read_prompts(args: &SubmitArgs) -> anyhow::Result<Vec<String>> {
     let mut prompts = args.prompts.clone();
+    if args.mode == "finetune" {
+        return Ok(prompts);
+    }
     if let Some(path) = &args.prompts_file {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("--prompts-file {}: cannot read it", path.display()))?;
@@ -233,14 +256,69 @@ pub fn job_spec(args: &SubmitArgs) -> anyhow::Result<pb::JobSpec> {
         seed_range,
         width: args.width,
         height: args.height,
-        steps: args.steps,
+        steps: if args.mode == "finetune" {
+            0
+        } else {
+            args.steps
+        },
         guidance_scale: args.guidance,
         scheduler: args.scheduler.clone(),
         priority: args.priority,
         max_attempts: args.max_attempts,
         webhook_url: args.webhook_url.clone(),
+        output_model: args.output_model.clone(),
+        train_steps: if args.mode == "finetune" {
+            args.steps
+        } else {
+            0
+        },
+        batch_size: args.batch_size,
+        learning_rate: args.lr,
+        resolution: args.resolution,
+        checkpoint_every: args.checkpoint_every,
+        dataset: match args
+            .data
+            .as_deref()
+            .and_then(|d| d.strip_prefix("storage:"))
+        {
+            Some(prefix) => prefix.to_string(),
+            None => String::new(),
+        },
         ..Default::default()
     })
+}
+
+/// The files of a local dataset folder (not recursive), to upload with a finetune job.
+fn dataset_files(args: &SubmitArgs) -> anyhow::Result<Vec<pb::DatasetFile>> {
+    let Some(dir) = args.data.as_deref().filter(|d| !d.starts_with("storage:")) else {
+        return Ok(Vec::new());
+    };
+    let entries = std::fs::read_dir(dir).with_context(|| {
+        format!("--data {dir}: not a folder (or use storage:PREFIX for a dataset in storage)")
+    })?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("--data {dir}: cannot list it"))?
+            .path();
+        if !path.is_file() {
+            continue;
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let data = std::fs::read(&path)
+            .with_context(|| format!("--data: cannot read {}", path.display()))?;
+        files.push(pb::DatasetFile { name, data });
+    }
+    if files.is_empty() {
+        bail!(
+            "--data {dir}: the folder has no files; put images with same-named .txt captions there"
+        );
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
 }
 
 fn rand_seed() -> u32 {
@@ -293,6 +371,7 @@ pub async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<()>
         idempotency_key: args.idempotency_key.clone(),
         init_image: read_input("--init-image", args.init_image.as_deref())?,
         mask: read_input("--mask", args.mask.as_deref())?,
+        dataset_files: dataset_files(&args)?,
     };
     let mut client = jobs_client(settings).await?;
     let response = submit_request(&mut client, request).await?;
@@ -582,7 +661,8 @@ pub async fn download(
                 .await
                 .with_context(|| format!("image {} of job {}", task.index, job.id))?
         };
-        std::fs::write(&path, &bytes).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&path, &bytes)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         written.push((task.clone(), path));
     }
     Ok(written)
@@ -590,10 +670,19 @@ pub async fn download(
 
 /// GETs a presigned URL (no credentials needed).
 async fn fetch_url(url: &str) -> anyhow::Result<Vec<u8>> {
-    let response = reqwest::get(url).await.context("cannot download the image")?;
+    let response = reqwest::get(url)
+        .await
+        .context("cannot download the image")?;
     let status = response.status();
-    anyhow::ensure!(status.is_success(), "downloading the image answered {status}");
-    Ok(response.bytes().await.context("cannot download the image")?.to_vec())
+    anyhow::ensure!(
+        status.is_success(),
+        "downloading the image answered {status}"
+    );
+    Ok(response
+        .bytes()
+        .await
+        .context("cannot download the image")?
+        .to_vec())
 }
 
 pub fn write_grid(paths: &[PathBuf], rows: u32, cols: u32, out: &Path) -> anyhow::Result<()> {

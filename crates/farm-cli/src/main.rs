@@ -1,5 +1,6 @@
 //! `farm`: the one binary of the render farm.
 
+mod bench;
 mod chaos;
 mod client;
 mod demo;
@@ -129,6 +130,11 @@ enum Command {
     },
     /// Kill workers, Redis and the coordinator while a job runs; check nothing was lost.
     Chaos(chaos::ChaosArgs),
+    /// Benchmarks: orchestration throughput, one SD 1.5 UNet evaluation, batch sizes.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
     /// Run `dev`, render the walkthrough's four prompts and write them with a grid.
     Demo(demo::DemoArgs),
     /// Submit a job.
@@ -197,6 +203,9 @@ pub struct WorkerArgs {
     /// Worker name (default: hostname-pid-random).
     #[arg(long, env = "FARM_WORKER_ID")]
     pub id: Option<String>,
+    /// sd (Stable Diffusion) or null (benchmark-only: no model, a tiny fixed PNG per task).
+    #[arg(long, default_value = "sd")]
+    pub pipeline: farm_worker::Pipeline,
 }
 
 #[derive(Subcommand)]
@@ -257,6 +266,7 @@ impl Settings {
         config.redis_prefix = self.redis_prefix.clone();
         config.concurrency = args.concurrency;
         config.device = args.device.clone();
+        config.pipeline = args.pipeline;
         if let Some(id) = &args.id {
             config.id = WorkerId(id.clone());
         }
@@ -322,6 +332,7 @@ pub async fn run_dev(
             concurrency: 1,
             device: "cpu".into(),
             id: None,
+            pipeline: farm_worker::Pipeline::Sd,
         });
         set.spawn(farm_worker::run(config, shutdown.clone()));
     }
@@ -367,6 +378,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo::run(&settings, args).await,
         Command::Chaos(args) => chaos::run(&settings, args).await,
+        Command::Bench { command } => bench::run(&settings, command).await,
         Command::Submit(args) => client::submit(&settings, args).await,
         Command::Status { job, json } => client::status(&settings, &job, json).await,
         Command::Watch { job } => client::watch_cmd(&settings, &job).await,

@@ -81,6 +81,8 @@ pub enum Update {
         step: u32,
         total_steps: u32,
         worker: String,
+        /// finetune: the step's training loss.
+        loss: Option<f32>,
     },
 }
 

@@ -199,6 +199,7 @@ pub(crate) async fn ingester(
                 step,
                 total_steps,
                 worker,
+                loss,
                 ..
             } = event
             {
@@ -207,6 +208,7 @@ pub(crate) async fn ingester(
                     step: *step,
                     total_steps: *total_steps,
                     worker: worker.0.clone(),
+                    loss: *loss,
                 });
             }
         }

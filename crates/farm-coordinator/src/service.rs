@@ -81,6 +81,43 @@ impl Api {
         self.auth.caller(&self.shared.store, request).await
     }
 
+    /// Whether a model of this name was published to storage by a finetune job.
+    async fn published(&self, model: &str) -> Result<bool, Status> {
+        let key = format!("{}/models/{model}/model_index.json", self.shared.config.redis_prefix);
+        self.shared
+            .storage
+            .exists(&key)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))
+    }
+
+    /// Stores an uploaded dataset under `{prefix}/datasets/{uuid}/` and returns that prefix.
+    async fn store_dataset(&self, files: &[pb::DatasetFile]) -> Result<String, Status> {
+        let prefix = format!(
+            "{}/datasets/{}",
+            self.shared.config.redis_prefix,
+            uuid::Uuid::new_v4().simple()
+        );
+        for file in files {
+            let name = file.name.as_str();
+            let plain = !name.is_empty()
+                && !name.starts_with('.')
+                && name.len() <= 255
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !plain {
+                return Err(Status::invalid_argument(format!(
+                    "dataset_files: {name:?} is not a plain file name (letters, digits, '.', '_', '-')"
+                )));
+            }
+            self.shared
+                .storage
+                .put_with_retry(&format!("{prefix}/{name}"), file.data.clone().into(), 3)
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot store the dataset: {e}")))?;
+        }
+        Ok(prefix)
+    }
+
     /// Stores an uploaded input image at `{prefix}/inputs/{sha256}`; `None` for no image.
     async fn store_input(&self, bytes: &[u8]) -> Result<Option<String>, Status> {
         if bytes.is_empty() {
@@ -171,6 +208,7 @@ impl JobService for Api {
             req.idempotency_key,
             init_info,
             mask_info,
+            req.dataset_files.len(),
         ))
         .map_err(invalid)?;
         if self
@@ -180,6 +218,7 @@ impl JobService for Api {
             .await
             .map_err(store_status)?
             == Some(false)
+            && !self.published(&spec.model).await?
         {
             return Err(Status::not_found(format!(
                 "model: no online worker has a model folder named {:?}",
@@ -190,6 +229,19 @@ impl JobService for Api {
         // never points at an image that is not there.
         spec.init_image = self.store_input(&req.init_image).await?;
         spec.mask = self.store_input(&req.mask).await?;
+        if let Some(train) = &mut spec.train {
+            let output = &train.output_model;
+            if self.published(output).await?
+                || self.shared.store.model_available(output).await.map_err(store_status)? == Some(true)
+            {
+                return Err(Status::already_exists(format!(
+                    "output_model: a model named {output:?} already exists; choose another name"
+                )));
+            }
+            if !req.dataset_files.is_empty() {
+                train.dataset = Some(self.store_dataset(&req.dataset_files).await?);
+            }
+        }
         let (job, created) = self
             .shared
             .store
@@ -393,13 +445,14 @@ async fn watch(
         tokio::select! {
             _ = tokio::time::sleep(WATCH_POLL) => refresh = true,
             update = updates.recv() => match update {
-                Ok(Update::Progress { task, step, total_steps, worker }) if task.job == id => {
+                Ok(Update::Progress { task, step, total_steps, worker, loss }) if task.job == id => {
                     let event = pb::JobEvent {
                         event: Some(pb::job_event::Event::Progress(pb::TaskProgress {
                             index: task.index,
                             step,
                             total_steps,
                             worker,
+                            loss,
                         })),
                     };
                     if tx.send(Ok(event)).await.is_err() {

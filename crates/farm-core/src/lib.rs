@@ -10,6 +10,6 @@ pub use ids::{Attempt, JobId, TaskRef, WorkerId};
 pub use redact::redact_url;
 pub use spec::{
     inspect_image, object_key, validate, ImageInfo, InvalidField, JobRequest, JobSpec, Mode,
-    SchedulerName, SeedSource, TaskSpec, LIMITS,
+    SchedulerName, SeedSource, TaskSpec, TrainRequest, TrainSpec, LIMITS,
 };
 pub use status::{JobStatus, TaskStatus, UnknownStatus};

@@ -76,6 +76,9 @@ pub enum Mode {
     /// VAE encode and decode of the init image.
     #[serde(rename = "reconstruct")]
     Reconstruct,
+    /// Fine-tune the model's UNet on an image-caption dataset and publish the result.
+    #[serde(rename = "finetune")]
+    Finetune,
 }
 
 impl Mode {
@@ -84,6 +87,7 @@ impl Mode {
         Mode::Img2Img,
         Mode::Inpaint,
         Mode::Reconstruct,
+        Mode::Finetune,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,11 +96,12 @@ impl Mode {
             Mode::Img2Img => "img2img",
             Mode::Inpaint => "inpaint",
             Mode::Reconstruct => "reconstruct",
+            Mode::Finetune => "finetune",
         }
     }
 
     pub fn needs_init_image(self) -> bool {
-        !matches!(self, Mode::Txt2Img)
+        matches!(self, Mode::Img2Img | Mode::Inpaint | Mode::Reconstruct)
     }
 
     pub fn needs_mask(self) -> bool {
@@ -113,7 +118,7 @@ impl FromStr for Mode {
             .copied()
             .find(|m| m.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown mode {s:?}; expected txt2img, img2img, inpaint or reconstruct")
+                format!("unknown mode {s:?}; expected txt2img, img2img, inpaint, reconstruct or finetune")
             })
     }
 }
@@ -237,6 +242,145 @@ pub struct JobRequest {
     pub mask: Option<ImageInfo>,
     /// Called with the job as JSON when the job ends (empty: none).
     pub webhook_url: String,
+    /// finetune only.
+    pub train: Option<TrainRequest>,
+}
+
+/// A fine-tuning request as it arrives; zero means "the default".
+#[derive(Debug, Clone, Default)]
+pub struct TrainRequest {
+    /// The name the trained model is published under.
+    pub output_model: String,
+    pub steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: Option<f64>,
+    /// Square training size in pixels; 0: the model's own.
+    pub resolution: u32,
+    pub checkpoint_every: u32,
+    /// Files uploaded with the job.
+    pub dataset_files: usize,
+    /// Or a prefix in the farm's storage holding the dataset.
+    pub dataset_prefix: String,
+}
+
+/// A validated fine-tuning job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSpec {
+    pub output_model: String,
+    pub steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    pub resolution: Option<u32>,
+    /// Save (and upload) a checkpoint every this many steps.
+    pub checkpoint_every: u32,
+    /// The storage prefix of the dataset (set by the coordinator for uploaded files).
+    pub dataset: Option<String>,
+}
+
+pub const MAX_TRAIN_STEPS: u32 = 1_000_000;
+pub const MAX_TRAIN_BATCH: u32 = 64;
+
+fn check_train(
+    req: &JobRequest,
+    mode: Mode,
+    model: &str,
+) -> Result<Option<TrainSpec>, InvalidField> {
+    let Some(train) = &req.train else {
+        if mode == Mode::Finetune {
+            return Err(invalid(
+                "output_model",
+                "finetune needs an output model name and a dataset",
+            ));
+        }
+        return Ok(None);
+    };
+    if mode != Mode::Finetune {
+        return Err(invalid(
+            "output_model",
+            "only finetune jobs publish a model",
+        ));
+    }
+    let output = train.output_model.trim();
+    if output.is_empty() {
+        return Err(invalid(
+            "output_model",
+            "is required: the name the trained model is published under",
+        ));
+    }
+    check_model_name("output_model", output)?;
+    if output == model {
+        return Err(invalid("output_model", "must differ from the base model"));
+    }
+    let steps = if train.steps == 0 { 100 } else { train.steps };
+    if steps > MAX_TRAIN_STEPS {
+        return Err(invalid(
+            "train_steps",
+            format!("{steps} is outside [1, {MAX_TRAIN_STEPS}]"),
+        ));
+    }
+    let batch_size = train.batch_size.max(1);
+    if batch_size > MAX_TRAIN_BATCH {
+        return Err(invalid(
+            "batch_size",
+            format!("{batch_size} is outside [1, {MAX_TRAIN_BATCH}]"),
+        ));
+    }
+    let learning_rate = train.learning_rate.unwrap_or(1e-4);
+    if !learning_rate.is_finite() || learning_rate <= 0.0 || learning_rate > 1.0 {
+        return Err(invalid(
+            "learning_rate",
+            format!("{learning_rate} must be a number in (0, 1]"),
+        ));
+    }
+    let resolution = match train.resolution {
+        0 => None,
+        r if r % 8 != 0 || r > LIMITS.max_side => {
+            return Err(invalid(
+                "resolution",
+                format!("{r} must be a multiple of 8 in [8, {}]", LIMITS.max_side),
+            ))
+        }
+        r => Some(r),
+    };
+    let checkpoint_every = if train.checkpoint_every == 0 {
+        steps.div_ceil(10)
+    } else {
+        train.checkpoint_every
+    };
+    let prefix = train.dataset_prefix.trim().trim_matches('/');
+    if train.dataset_files == 0 && prefix.is_empty() {
+        return Err(invalid(
+            "dataset",
+            "is empty: upload images with captions, or name a storage prefix",
+        ));
+    }
+    if train.dataset_files > 0 && !prefix.is_empty() {
+        return Err(invalid(
+            "dataset",
+            "give either files or a storage prefix, not both",
+        ));
+    }
+    if prefix.split('/').any(|part| part == ".." || part == ".") {
+        return Err(invalid(
+            "dataset",
+            format!("{prefix:?} is not a storage prefix"),
+        ));
+    }
+    if !req.prompts.iter().all(|p| p.trim().is_empty()) {
+        return Err(invalid(
+            "prompts",
+            "finetune jobs take their captions from the dataset, not prompts",
+        ));
+    }
+    Ok(Some(TrainSpec {
+        output_model: output.to_string(),
+        steps,
+        batch_size,
+        learning_rate,
+        resolution,
+        checkpoint_every,
+        dataset: (!prefix.is_empty()).then(|| prefix.to_string()),
+    }))
 }
 
 /// A validated job. Constructed only by [`validate`], so holding one means every bound held.
@@ -268,6 +412,9 @@ pub struct JobSpec {
     /// An http(s) URL the coordinator POSTs the job to when it ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
+    /// finetune jobs: what to train and publish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<TrainSpec>,
 }
 
 fn default_strength() -> f64 {
@@ -329,6 +476,7 @@ impl JobSpec {
             vae: self.vae.clone(),
             init_image: self.init_image.clone(),
             mask: self.mask.clone(),
+            train: self.train.clone(),
         })
     }
 }
@@ -357,6 +505,8 @@ pub struct TaskSpec {
     pub init_image: Option<String>,
     #[serde(default)]
     pub mask: Option<String>,
+    #[serde(default)]
+    pub train: Option<TrainSpec>,
 }
 
 /// The storage key of a task's image: `{prefix}/jobs/{job_id}/{task_index:06}-{seed}.png`
@@ -486,20 +636,27 @@ pub fn validate(req: &JobRequest) -> Result<JobSpec, InvalidField> {
         check_model_name("vae", vae)?;
     }
 
-    if req.prompts.is_empty() {
+    let train = check_train(req, mode, model)?;
+    let finetune_prompts = [String::new()];
+    let prompts: &[String] = if train.is_some() {
+        &finetune_prompts
+    } else {
+        &req.prompts
+    };
+    if prompts.is_empty() {
         return Err(invalid("prompts", "at least one prompt is required"));
     }
-    if req.prompts.len() > LIMITS.max_prompts {
+    if prompts.len() > LIMITS.max_prompts {
         return Err(invalid(
             "prompts",
             format!(
                 "{} prompts; at most {} per job",
-                req.prompts.len(),
+                prompts.len(),
                 LIMITS.max_prompts
             ),
         ));
     }
-    for (i, p) in req.prompts.iter().enumerate() {
+    for (i, p) in prompts.iter().enumerate() {
         if p.len() > LIMITS.max_prompt_bytes {
             return Err(invalid(
                 "prompts",
@@ -538,6 +695,7 @@ pub fn validate(req: &JobRequest) -> Result<JobSpec, InvalidField> {
                 "give either seeds or seed_range, not both",
             ));
         }
+        (None, true) if train.is_some() => vec![0],
         (None, true) => return Err(invalid("seeds", "at least one seed is required")),
         (None, false) => {
             if req.seeds.len() as u64 > LIMITS.max_tasks {
@@ -568,7 +726,13 @@ pub fn validate(req: &JobRequest) -> Result<JobSpec, InvalidField> {
         }
     };
 
-    let tasks = req.prompts.len() as u64 * seeds.len() as u64;
+    if train.is_some() && seeds.len() > 1 {
+        return Err(invalid(
+            "seeds",
+            "a finetune job trains once: give at most one seed",
+        ));
+    }
+    let tasks = prompts.len() as u64 * seeds.len() as u64;
     if tasks > LIMITS.max_tasks {
         return Err(invalid(
             "seeds",
@@ -663,7 +827,7 @@ pub fn validate(req: &JobRequest) -> Result<JobSpec, InvalidField> {
     Ok(JobSpec {
         mode,
         model: model.to_string(),
-        prompts: req.prompts.clone(),
+        prompts: prompts.to_vec(),
         negative_prompt: req.negative_prompt.clone(),
         seeds,
         width,
@@ -679,6 +843,7 @@ pub fn validate(req: &JobRequest) -> Result<JobSpec, InvalidField> {
         init_image: None,
         mask: None,
         webhook_url,
+        train,
     })
 }
 
@@ -876,6 +1041,90 @@ mod tests {
             height,
             bytes: 100,
         }
+    }
+
+    fn train(output: &str) -> TrainRequest {
+        TrainRequest {
+            output_model: output.into(),
+            steps: 6,
+            dataset_files: 3,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn finetune_jobs_are_one_task_with_their_own_bounds() {
+        let mut req = ok_request();
+        req.mode = "finetune".into();
+        req.prompts.clear();
+        req.seed_range = None;
+        req.train = Some(train("mine"));
+        let spec = validate(&req).expect("valid");
+        assert_eq!(spec.tasks_total(), 1);
+        let t = spec.train.expect("train");
+        assert_eq!(
+            (t.steps, t.batch_size, t.learning_rate, t.checkpoint_every),
+            (6, 1, 1e-4, 1)
+        );
+
+        let cases: Vec<(&str, TrainRequest)> = vec![
+            ("output_model", train("")),
+            ("output_model", train("tiny")),
+            ("output_model", train("../x")),
+            (
+                "resolution",
+                TrainRequest {
+                    resolution: 100,
+                    ..train("m")
+                },
+            ),
+            (
+                "batch_size",
+                TrainRequest {
+                    batch_size: 65,
+                    ..train("m")
+                },
+            ),
+            (
+                "learning_rate",
+                TrainRequest {
+                    learning_rate: Some(f64::NAN),
+                    ..train("m")
+                },
+            ),
+            (
+                "dataset",
+                TrainRequest {
+                    dataset_files: 0,
+                    ..train("m")
+                },
+            ),
+            (
+                "dataset",
+                TrainRequest {
+                    dataset_prefix: "a/../b".into(),
+                    dataset_files: 0,
+                    ..train("m")
+                },
+            ),
+        ];
+        for (field, t) in cases {
+            let mut r = req.clone();
+            r.train = Some(t);
+            assert_eq!(validate(&r).expect_err(field).field, field);
+        }
+        let mut with_prompt = req.clone();
+        with_prompt.prompts = vec!["a caption".into()];
+        assert_eq!(
+            validate(&with_prompt).expect_err("prompts").field,
+            "prompts"
+        );
+        let mut txt = ok_request();
+        txt.train = Some(train("m"));
+        assert_eq!(
+            validate(&txt).expect_err("output_model").field,
+            "output_model"
+        );
     }
 
     #[test]

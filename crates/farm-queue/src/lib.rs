@@ -87,6 +87,9 @@ pub enum Event {
         worker: WorkerId,
         step: u32,
         total_steps: u32,
+        /// finetune: the step's training loss.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        loss: Option<f32>,
     },
     Succeeded {
         task: TaskRef,

@@ -172,7 +172,11 @@ impl Storage {
 
     /// An expiring URL that GETs `key` without credentials, where the store can sign one
     /// (S3); `None` for a local folder.
-    pub async fn presigned_get(&self, key: &str, expires_in: Duration) -> Result<Option<String>, StorageError> {
+    pub async fn presigned_get(
+        &self,
+        key: &str,
+        expires_in: Duration,
+    ) -> Result<Option<String>, StorageError> {
         use object_store::signer::Signer;
         let Some(signer) = &self.signer else {
             return Ok(None);
@@ -183,6 +187,31 @@ impl Storage {
             .await
             .map_err(|e| self.object_error(key, e))?;
         Ok(Some(url.to_string()))
+    }
+
+    /// Whether an object exists at `key`.
+    pub async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        let path = Self::path(key)?;
+        match self.store.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.object_error(key, e)),
+        }
+    }
+
+    /// Every key under `prefix` (recursively), sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        use futures::TryStreamExt;
+        let path = Self::path(prefix)?;
+        let mut keys: Vec<String> = self
+            .store
+            .list(Some(&path))
+            .map_ok(|meta| meta.location.to_string())
+            .try_collect()
+            .await
+            .map_err(|e| self.object_error(prefix, e))?;
+        keys.sort();
+        Ok(keys)
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes, StorageError> {

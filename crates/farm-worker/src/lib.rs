@@ -2,6 +2,7 @@
 //! the PNG and reports events. It needs only Redis and the object store: no database
 //! credentials live on GPU nodes.
 
+mod finetune;
 mod models;
 pub mod png;
 
@@ -40,6 +41,30 @@ pub struct WorkerConfig {
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
     pub id: WorkerId,
+    /// What renders the tasks: the real Stable Diffusion engine, or the benchmark-only
+    /// `null` pipeline.
+    pub pipeline: Pipeline,
+}
+
+/// `sd`: Stable Diffusion on candle. `null`: benchmark-only, no model; every task gets the
+/// same tiny PNG, still uploaded to storage and reported with real events, so a benchmark
+/// measures the farm's own cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pipeline {
+    #[default]
+    Sd,
+    Null,
+}
+
+impl std::str::FromStr for Pipeline {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sd" => Ok(Pipeline::Sd),
+            "null" => Ok(Pipeline::Null),
+            other => Err(format!("unknown pipeline {other:?}; use sd or null")),
+        }
+    }
 }
 
 impl WorkerConfig {
@@ -52,6 +77,7 @@ impl WorkerConfig {
             concurrency: 1,
             device: "cpu".into(),
             id: default_worker_id(),
+            pipeline: Pipeline::Sd,
         }
     }
 }
@@ -97,7 +123,8 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         .await
         .with_context(|| format!("cannot reach storage {}", config.storage))?;
     let worker = Arc::new(Worker {
-        models: ModelCache::new(config.models_root.clone(), device),
+        models: ModelCache::new(config.models_root.clone(), device)
+            .with_published(storage.clone(), &config.redis_prefix),
         config,
         queue,
         storage,
@@ -192,6 +219,10 @@ enum TaskError {
     Join(#[from] tokio::task::JoinError),
     #[error("input image {key}: {message}")]
     Input { key: String, message: String },
+    #[error("training: {0}")]
+    Train(DiffusionError),
+    #[error("{0}")]
+    Io(String),
 }
 
 impl TaskError {
@@ -199,6 +230,7 @@ impl TaskError {
         match self {
             TaskError::Model(e) => e.retryable(),
             TaskError::Render(DiffusionError::InvalidInput(_)) => false,
+            TaskError::Train(DiffusionError::InvalidInput(_) | DiffusionError::Model { .. }) => false,
             _ => true,
         }
     }
@@ -321,10 +353,39 @@ async fn input_image(worker: &Worker, key: &str) -> Result<RgbImage, TaskError> 
     })
 }
 
+/// Polls the job's cancel mark until stopped; the flag it sets is read between steps.
+pub(crate) fn cancel_poller(
+    worker: &Worker,
+    job: farm_core::JobId,
+) -> (Arc<AtomicBool>, CancellationToken, tokio::task::JoinHandle<()>) {
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
+    let (queue, flag, token) = (worker.queue.clone(), cancelled.clone(), stop.clone());
+    let handle = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(CANCEL_POLL) => {}
+            }
+            if let Ok(true) = queue.is_cancelled(job).await {
+                flag.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    });
+    (cancelled, stop, handle)
+}
+
 async fn execute(
     worker: &Arc<Worker>,
     spec: &TaskSpec,
 ) -> Result<(String, String, u64, Timings), TaskError> {
+    if let Some(train) = &spec.train {
+        return finetune::execute(worker, spec, train).await;
+    }
+    if worker.config.pipeline == Pipeline::Null {
+        return execute_null(worker, spec).await;
+    }
     let started = Instant::now();
     let model = worker.models.get(&spec.model, spec.vae.as_deref()).await?;
     let init_image = match &spec.init_image {
@@ -338,28 +399,7 @@ async fn execute(
     let load_ms = started.elapsed().as_millis() as u64;
 
     // Cancellation: a poller flips a flag that the render loop reads between steps.
-    let cancelled = Arc::new(AtomicBool::new(false));
-    let stop_polling = CancellationToken::new();
-    let poller = {
-        let (queue, flag, stop, job) = (
-            worker.queue.clone(),
-            cancelled.clone(),
-            stop_polling.clone(),
-            spec.task.job,
-        );
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(CANCEL_POLL) => {}
-                }
-                if let Ok(true) = queue.is_cancelled(job).await {
-                    flag.store(true, Ordering::Relaxed);
-                    return;
-                }
-            }
-        })
-    };
+    let (cancelled, stop_polling, poller) = cancel_poller(worker, spec.task.job);
     // Progress: the render thread sends every step; this task forwards them throttled.
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
     let forwarder = {
@@ -379,6 +419,7 @@ async fn execute(
                     worker: worker.config.id.clone(),
                     step: step as u32,
                     total_steps: total as u32,
+                    loss: None,
                 };
                 if let Err(e) = worker.queue.publish(&event).await {
                     tracing::debug!(error = %e, "progress event dropped");
@@ -447,6 +488,43 @@ async fn execute(
             load_ms,
             render_ms,
             upload_ms,
+        },
+    ))
+}
+
+/// The `null` pipeline's image: an 8×8 grey PNG, encoded once.
+fn null_png() -> &'static [u8] {
+    static PNG: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    PNG.get_or_init(|| {
+        let image = RgbImage {
+            width: 8,
+            height: 8,
+            pixels: vec![128; 8 * 8 * 3],
+        };
+        png::encode_with_text(&image, "farm null pipeline").unwrap_or_default()
+    })
+}
+
+/// Benchmark-only: no model and no rendering; uploads the fixed PNG like a real result.
+async fn execute_null(
+    worker: &Arc<Worker>,
+    spec: &TaskSpec,
+) -> Result<(String, String, u64, Timings), TaskError> {
+    let png = null_png();
+    let sha256 = hex::encode(Sha256::digest(png));
+    let upload_started = Instant::now();
+    worker
+        .storage
+        .put_with_retry(&spec.object_key, Bytes::from_static(png), UPLOAD_TRIES)
+        .await?;
+    Ok((
+        spec.object_key.clone(),
+        sha256,
+        png.len() as u64,
+        Timings {
+            load_ms: 0,
+            render_ms: 0,
+            upload_ms: upload_started.elapsed().as_millis() as u64,
         },
     ))
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use farm_core::SchedulerName;
 use farm_diffusion::{DType, Device, SchedulerKind, StableDiffusion};
+use farm_storage::Storage;
 use tokio::sync::OnceCell;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -30,6 +31,7 @@ pub struct ModelCache {
     root: PathBuf,
     device: Device,
     models: Mutex<HashMap<String, Slot>>,
+    published: Option<(Storage, String)>,
 }
 
 impl ModelCache {
@@ -38,7 +40,78 @@ impl ModelCache {
             root,
             device,
             models: Mutex::new(HashMap::new()),
+            published: None,
         }
+    }
+
+    /// Also finds models that finetune jobs published to `storage` under `{prefix}/models/`,
+    /// downloading them into the models root on first use.
+    pub fn with_published(mut self, storage: Storage, prefix: &str) -> Self {
+        self.published = Some((storage, prefix.to_string()));
+        self
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The local folder of model `name`, downloading a published model if needed.
+    pub async fn local_dir(&self, name: &str) -> Result<PathBuf, ModelError> {
+        let dir = self.root.join(name);
+        if dir.join("model_index.json").is_file() || dir.join("unet").is_dir() {
+            return Ok(dir);
+        }
+        let not_found = || ModelError::NotFound {
+            name: name.to_string(),
+            path: dir.display().to_string(),
+        };
+        let Some((storage, prefix)) = &self.published else {
+            return Err(not_found());
+        };
+        let remote = format!("{prefix}/models/{name}");
+        let load_err = |message: String| ModelError::Load {
+            name: name.to_string(),
+            message,
+        };
+        let keys = storage
+            .list(&remote)
+            .await
+            .map_err(|e| load_err(e.to_string()))?;
+        if !keys.iter().any(|k| k.ends_with("/model_index.json")) {
+            return Err(not_found());
+        }
+        // Download beside the target, then rename: a half-downloaded model is never seen.
+        let partial = self
+            .root
+            .join(format!(".{name}.partial-{}", uuid::Uuid::new_v4().simple()));
+        for key in &keys {
+            let Some(relative) = key.strip_prefix(&format!("{remote}/")) else {
+                continue;
+            };
+            let path = partial.join(relative);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| load_err(e.to_string()))?;
+            }
+            let bytes = storage
+                .get(key)
+                .await
+                .map_err(|e| load_err(e.to_string()))?;
+            std::fs::write(&path, &bytes).map_err(|e| load_err(e.to_string()))?;
+        }
+        match std::fs::rename(&partial, &dir) {
+            Ok(()) => {}
+            // Another slot won the race; its copy is as good.
+            Err(_) if dir.join("model_index.json").is_file() => {
+                let _ = std::fs::remove_dir_all(&partial);
+            }
+            Err(e) => return Err(load_err(e.to_string())),
+        }
+        tracing::info!(
+            model = name,
+            files = keys.len(),
+            "published model downloaded"
+        );
+        Ok(dir)
     }
 
     /// Names of the model folders under the models root (those with a `model_index.json`).
@@ -87,16 +160,10 @@ impl ModelCache {
             })?;
             models.entry(cache_key).or_default().clone()
         };
-        let dir = self.root.join(name);
         let vae_dir = vae.map(|v| self.root.join(v));
         let device = self.device.clone();
         slot.get_or_try_init(|| async move {
-            if !dir.join("model_index.json").is_file() && !dir.join("unet").is_dir() {
-                return Err(ModelError::NotFound {
-                    name: name.to_string(),
-                    path: dir.display().to_string(),
-                });
-            }
+            let dir = self.local_dir(name).await?;
             if let Some(vae_dir) = &vae_dir {
                 if !vae_dir.is_dir() {
                     return Err(ModelError::NotFound {
@@ -143,6 +210,8 @@ pub(crate) fn mode(mode: farm_core::Mode) -> farm_diffusion::Mode {
         farm_core::Mode::Img2Img => farm_diffusion::Mode::Img2Img,
         farm_core::Mode::Inpaint => farm_diffusion::Mode::Inpaint,
         farm_core::Mode::Reconstruct => farm_diffusion::Mode::Reconstruct,
+        // Finetune tasks never reach the pipelines (see finetune.rs).
+        farm_core::Mode::Finetune => farm_diffusion::Mode::Txt2Img,
     }
 }
 

@@ -92,6 +92,7 @@ pub(crate) async fn track(dashboard: Arc<Dashboard>) {
                 step,
                 total_steps,
                 worker,
+                ..
             }) => {
                 if let Some(secs) = dashboard.live.progress(task, step, total_steps, &worker) {
                     dashboard.shared.metrics.observe_step(secs);
@@ -733,6 +734,7 @@ async fn feed(
                 step,
                 total_steps,
                 worker,
+                ..
             }) => (
                 task.job,
                 Event::default().event("progress").json_data(json!({

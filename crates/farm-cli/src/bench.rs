@@ -1,0 +1,54 @@
+//! `farm bench`: figures for BENCHMARKS.md (not timed tests).
+//!
+//! * `orchestration`: the farm's own cost per task through real Postgres, Redis and storage,
+//!   with workers on the benchmark-only `null` pipeline, against the raw Redis Streams round
+//!   trip as the ceiling.
+//! * `unet`: one evaluation of the full-size SD 1.5 UNet (random weights) on candle.
+//! * `batch`: images/s of the tiny model against the batch size.
+
+mod batch;
+mod orchestration;
+mod unet;
+
+use clap::Subcommand;
+
+use crate::Settings;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Tasks/s end to end and submit→start latency with null-pipeline workers, against the
+    /// raw Redis Streams round trip (XADD → XREADGROUP → XACK).
+    Orchestration(orchestration::OrchestrationArgs),
+    /// One UNet evaluation of the full-size SD 1.5 architecture (random weights).
+    Unet(unet::UnetArgs),
+    /// Images/s against the batch size on the tiny model.
+    Batch(batch::BatchArgs),
+}
+
+pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Orchestration(args) => orchestration::run(settings, args).await,
+        BenchCommand::Unet(args) => tokio::task::spawn_blocking(move || unet::run(args)).await?,
+        BenchCommand::Batch(args) => tokio::task::spawn_blocking(move || batch::run(args)).await?,
+    }
+}
+
+/// The process's peak resident set (`VmHWM`), in MiB; 0 where /proc is missing.
+pub(crate) fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Rounds to `digits` decimals (for readable JSON).
+pub(crate) fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
