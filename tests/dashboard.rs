@@ -569,7 +569,12 @@ fn webhook_metrics_health_and_tenants() {
     let (status, body) = farm.get(&format!("/api/jobs/{id}/tasks/1/image"), Some(&farm.token));
     assert_eq!(status, 200);
     assert!(body.starts_with("\u{FFFD}PNG"), "not a PNG");
-    let own = farm.submit(&acme, &["--prompt", "mine", "--seeds", "5", "--steps", "2"]);
+    let own = farm.submit(
+        &acme,
+        &[
+            "--prompt", "mine", "--seeds", "5", "--steps", "2", "--width", "64", "--height", "64",
+        ],
+    );
     let (_, body) = farm.get("/api/overview", Some(&acme));
     let overview: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(overview["tenant"], "acme");

@@ -630,79 +630,17 @@ impl Store {
         let mut applied = Applied::default();
         // job -> (succeeded delta, failed delta, started)
         let mut deltas: BTreeMap<Uuid, (i32, i32, bool)> = BTreeMap::new();
+        // `started` and `succeeded` events are applied set-based after the loop, one
+        // statement each for the whole batch (they are most of the traffic). Heartbeats and
+        // failures are applied first, in order; every transition stays fenced by attempt and
+        // by its source states, so the order within a batch does not change the outcome.
+        let mut started: Vec<&Event> = Vec::new();
+        let mut succeeded: Vec<&Event> = Vec::new();
         for event in events {
             match event {
-                Event::Started {
-                    task,
-                    attempt,
-                    worker,
-                } => {
-                    let n = sqlx::query(
-                        "UPDATE tasks SET status = 'running', worker = $4, started_at = now(),
-                                lease_deadline = now() + make_interval(secs => $5),
-                                updated_at = clock_timestamp()
-                         WHERE job_id = $1 AND idx = $2 AND attempt = $3 AND status = 'queued'",
-                    )
-                    .bind(task.job.0)
-                    .bind(task.index as i32)
-                    .bind(attempt.0 as i32)
-                    .bind(&worker.0)
-                    .bind(secs(run_lease))
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if n == 1 {
-                        deltas.entry(task.job.0).or_default().2 = true;
-                        applied.changed.push(*task);
-                    } else {
-                        applied.ignored += 1;
-                    }
-                }
+                Event::Started { .. } => started.push(event),
                 Event::Progress { .. } => {}
-                Event::Succeeded {
-                    task,
-                    attempt,
-                    worker,
-                    object_key,
-                    sha256,
-                    size_bytes,
-                    timings,
-                } => {
-                    let n = sqlx::query(
-                        "UPDATE tasks SET status = 'succeeded', worker = $4, object_key = $5,
-                                sha256 = $6, size_bytes = $7, load_ms = $8, render_ms = $9,
-                                upload_ms = $10, error = NULL, lease_deadline = NULL,
-                                started_at = coalesce(started_at, now()), finished_at = now(),
-                                updated_at = clock_timestamp()
-                         WHERE job_id = $1 AND idx = $2 AND attempt = $3
-                           AND status IN ('queued', 'running')",
-                    )
-                    .bind(task.job.0)
-                    .bind(task.index as i32)
-                    .bind(attempt.0 as i32)
-                    .bind(&worker.0)
-                    .bind(object_key)
-                    .bind(sha256)
-                    .bind(*size_bytes as i64)
-                    .bind(timings.load_ms as i64)
-                    .bind(timings.render_ms as i64)
-                    .bind(timings.upload_ms as i64)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if n == 1 {
-                        let d = deltas.entry(task.job.0).or_default();
-                        d.0 += 1;
-                        d.2 = true;
-                        applied.changed.push(*task);
-                        sqlx::query("UPDATE workers SET tasks_done = tasks_done + 1 WHERE id = $1")
-                            .bind(&worker.0)
-                            .execute(&mut *tx)
-                            .await?;
-                    } else {
-                        applied.ignored += 1;
-                    }
-                }
+                Event::Succeeded { .. } => succeeded.push(event),
                 Event::Failed {
                     task,
                     attempt,
@@ -752,6 +690,8 @@ impl Store {
                 }
             }
         }
+        apply_started(&mut tx, &started, run_lease, &mut applied, &mut deltas).await?;
+        apply_succeeded(&mut tx, &succeeded, &mut applied, &mut deltas).await?;
         for (job, (succeeded, failed, _started)) in deltas {
             bump_job(&mut tx, job, succeeded, failed).await?;
         }
@@ -952,6 +892,164 @@ async fn upsert_worker(tx: &mut Transaction<'_, Postgres>, info: &WorkerInfo) ->
     .bind(&info.available)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// job -> (succeeded delta, failed delta, started), as `apply_once` collects them.
+type Deltas = BTreeMap<Uuid, (i32, i32, bool)>;
+
+/// `queued` → `running` for every `started` event of a batch in one statement.
+async fn apply_started(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[&Event],
+    run_lease: Duration,
+    applied: &mut Applied,
+    deltas: &mut Deltas,
+) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let (mut jobs, mut idx, mut attempts, mut workers) = (vec![], vec![], vec![], vec![]);
+    for event in events {
+        if let Event::Started {
+            task,
+            attempt,
+            worker,
+        } = event
+        {
+            jobs.push(task.job.0);
+            idx.push(task.index as i32);
+            attempts.push(attempt.0 as i32);
+            workers.push(worker.0.as_str());
+        }
+    }
+    let rows = sqlx::query(
+        "UPDATE tasks t SET status = 'running', worker = u.w, started_at = now(),
+                lease_deadline = now() + make_interval(secs => $5),
+                updated_at = clock_timestamp()
+         FROM unnest($1::uuid[], $2::int[], $3::int[], $4::text[]) AS u(j, i, a, w)
+         WHERE t.job_id = u.j AND t.idx = u.i AND t.attempt = u.a AND t.status = 'queued'
+         RETURNING t.job_id, t.idx",
+    )
+    .bind(&jobs)
+    .bind(&idx)
+    .bind(&attempts)
+    .bind(&workers)
+    .bind(secs(run_lease))
+    .fetch_all(&mut **tx)
+    .await?;
+    applied.ignored += events.len() - rows.len();
+    for r in rows {
+        let task = TaskRef {
+            job: JobId(r.try_get("job_id")?),
+            index: r.try_get::<i32, _>("idx")? as u32,
+        };
+        deltas.entry(task.job.0).or_default().2 = true;
+        applied.changed.push(task);
+    }
+    Ok(())
+}
+
+/// `queued`/`running` → `succeeded` for every `succeeded` event of a batch in one
+/// statement, and the workers' `tasks_done` in another.
+async fn apply_succeeded(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[&Event],
+    applied: &mut Applied,
+    deltas: &mut Deltas,
+) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let n = events.len();
+    let (mut jobs, mut idx, mut attempts) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut workers, mut keys, mut sha) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut sizes, mut load, mut render, mut upload) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for event in events {
+        if let Event::Succeeded {
+            task,
+            attempt,
+            worker,
+            object_key,
+            sha256,
+            size_bytes,
+            timings,
+        } = event
+        {
+            jobs.push(task.job.0);
+            idx.push(task.index as i32);
+            attempts.push(attempt.0 as i32);
+            workers.push(worker.0.as_str());
+            keys.push(object_key.as_str());
+            sha.push(sha256.as_str());
+            sizes.push(*size_bytes as i64);
+            load.push(timings.load_ms as i64);
+            render.push(timings.render_ms as i64);
+            upload.push(timings.upload_ms as i64);
+        }
+    }
+    let rows = sqlx::query(
+        "UPDATE tasks t SET status = 'succeeded', worker = u.w, object_key = u.k,
+                sha256 = u.h, size_bytes = u.s, load_ms = u.l, render_ms = u.r,
+                upload_ms = u.up, error = NULL, lease_deadline = NULL,
+                started_at = coalesce(t.started_at, now()), finished_at = now(),
+                updated_at = clock_timestamp()
+         FROM unnest($1::uuid[], $2::int[], $3::int[], $4::text[], $5::text[], $6::text[],
+                     $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[])
+              AS u(j, i, a, w, k, h, s, l, r, up)
+         WHERE t.job_id = u.j AND t.idx = u.i AND t.attempt = u.a
+           AND t.status IN ('queued', 'running')
+         RETURNING t.job_id, t.idx, t.worker",
+    )
+    .bind(&jobs)
+    .bind(&idx)
+    .bind(&attempts)
+    .bind(&workers)
+    .bind(&keys)
+    .bind(&sha)
+    .bind(&sizes)
+    .bind(&load)
+    .bind(&render)
+    .bind(&upload)
+    .fetch_all(&mut **tx)
+    .await?;
+    applied.ignored += n - rows.len();
+    let mut done: BTreeMap<String, i64> = BTreeMap::new();
+    for r in rows {
+        let task = TaskRef {
+            job: JobId(r.try_get("job_id")?),
+            index: r.try_get::<i32, _>("idx")? as u32,
+        };
+        let d = deltas.entry(task.job.0).or_default();
+        d.0 += 1;
+        d.2 = true;
+        applied.changed.push(task);
+        *done.entry(r.try_get("worker")?).or_default() += 1;
+    }
+    if !done.is_empty() {
+        let (ids, counts): (Vec<String>, Vec<i64>) = done.into_iter().unzip();
+        sqlx::query(
+            "UPDATE workers w SET tasks_done = w.tasks_done + u.n
+             FROM unnest($1::text[], $2::bigint[]) AS u(id, n) WHERE w.id = u.id",
+        )
+        .bind(&ids)
+        .bind(&counts)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
 

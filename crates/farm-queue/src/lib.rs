@@ -495,6 +495,7 @@ mod tests {
             vae: None,
             init_image: None,
             mask: None,
+            train: None,
         }
     }
 
