@@ -333,8 +333,8 @@ impl Store {
             prompts.push(prompt);
         }
         sqlx::query(
-            "INSERT INTO tasks (job_id, idx, seed, prompt, priority, max_attempts)
-             SELECT $1, u.i, u.s, u.p, $5, $6
+            "INSERT INTO tasks (job_id, idx, seed, prompt, priority, max_attempts, tenant)
+             SELECT $1, u.i, u.s, u.p, $5, $6, $7
              FROM unnest($2::int[], $3::bigint[], $4::text[]) AS u(i, s, p)",
         )
         .bind(id.0)
@@ -343,6 +343,7 @@ impl Store {
         .bind(&prompts)
         .bind(spec.priority)
         .bind(spec.max_attempts as i32)
+        .bind(tenant)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -472,7 +473,8 @@ impl Store {
         self.job(job).await
     }
 
-    /// Moves up to `limit` pending tasks (highest priority, then oldest, first) to `queued`
+    /// Moves up to `limit` pending tasks (highest priority first, then taking turns between
+    /// tenants, then oldest) to `queued`
     /// with the next attempt number and a lease of `lease`. Several coordinators may call this
     /// at once: `SKIP LOCKED` gives each its own tasks.
     pub async fn claim_for_dispatch(&self, limit: u32, lease: Duration) -> Result<Vec<Claimed>> {
@@ -480,12 +482,30 @@ impl Store {
             return Ok(Vec::new());
         }
         let rows = sqlx::query(
-            "WITH picked AS (
-                SELECT job_id, idx FROM tasks
-                WHERE status = 'pending'
-                ORDER BY priority DESC, created_at, job_id, idx
+            "WITH tenants AS (
+                SELECT DISTINCT tenant FROM jobs WHERE status IN ('pending', 'running')
+             ),
+             candidates AS (
+                -- Each tenant's next tasks in its own order, numbered: the n-th task of every
+                -- tenant goes before anyone's (n+1)-th, so a small tenant is not starved
+                -- behind a bulk job (fair share, equal weights; priority still comes first).
+                SELECT c.* FROM tenants t
+                CROSS JOIN LATERAL (
+                    SELECT k.job_id, k.idx, k.priority, k.created_at,
+                           row_number() OVER (ORDER BY k.priority DESC, k.created_at, k.job_id, k.idx) AS turn
+                    FROM tasks k
+                    WHERE k.tenant = t.tenant AND k.status = 'pending'
+                    ORDER BY k.priority DESC, k.created_at, k.job_id, k.idx
+                    LIMIT $1
+                ) c
+             ),
+             picked AS (
+                SELECT k.job_id, k.idx FROM tasks k
+                JOIN candidates c ON c.job_id = k.job_id AND c.idx = k.idx
+                WHERE k.status = 'pending'
+                ORDER BY c.priority DESC, c.turn, c.created_at, k.job_id, k.idx
                 LIMIT $1
-                FOR UPDATE SKIP LOCKED
+                FOR UPDATE OF k SKIP LOCKED
              )
              UPDATE tasks t
              SET status = 'queued', attempt = t.attempt + 1, queued_at = now(), worker = NULL,

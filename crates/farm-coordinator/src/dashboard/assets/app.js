@@ -447,6 +447,9 @@ async function jobPage(main, id) {
   const paint = debounce(() => { renderHead(); renderGrid(); renderTasks(); }, 100);
   follow(`?job=${encodeURIComponent(job.id)}`, {
     progress: (p) => {
+      // A report that was in flight when the task ended says nothing new.
+      const known = job.tasks.find((x) => x.index === p.index);
+      if (known && TERMINAL.has(known.status)) return;
       const now = performance.now();
       const old = partial.get(p.index);
       let rate = old && old.rate;
