@@ -1,6 +1,7 @@
 //! The Redis Streams protocol that the coordinator and the workers speak.
 //!
-//! Keys (all under one prefix, `farm` by default, so tests and farms can share a server):
+//! Keys (all under one prefix, `farm` by default, so tests and farms can share a server; the
+//! prefix is written in braces, a Redis Cluster hash tag, so all of a farm's keys share a slot):
 //! - `{prefix}:tasks`: the dispatch stream. The coordinator `XADD`s one [`TaskSpec`] per
 //!   attempt; workers read it in the consumer group `workers` and `XACK` when done.
 //! - `{prefix}:events`: the event stream. Workers `XADD` [`Event`]s; coordinators read it in the
@@ -130,17 +131,22 @@ impl Keys {
             prefix: prefix.to_string(),
         }
     }
+    /// `{prefix}`, braces included: a Redis Cluster hash tag, so every key of one farm lives
+    /// in the same slot (streams and their companion keys can be used together).
+    fn tag(&self) -> String {
+        format!("{{{}}}", self.prefix)
+    }
     pub fn tasks(&self) -> String {
-        format!("{}:tasks", self.prefix)
+        format!("{}:tasks", self.tag())
     }
     pub fn events(&self) -> String {
-        format!("{}:events", self.prefix)
+        format!("{}:events", self.tag())
     }
     pub fn dead(&self) -> String {
-        format!("{}:dead", self.prefix)
+        format!("{}:dead", self.tag())
     }
     pub fn cancel(&self, job: JobId) -> String {
-        format!("{}:cancel:{job}", self.prefix)
+        format!("{}:cancel:{job}", self.tag())
     }
 }
 
@@ -496,6 +502,15 @@ mod tests {
             init_image: None,
             mask: None,
             train: None,
+        }
+    }
+
+    #[test]
+    fn every_key_of_a_farm_carries_the_same_hash_tag() {
+        let keys = Keys::new("farm");
+        let job = JobId::new();
+        for key in [keys.tasks(), keys.events(), keys.dead(), keys.cancel(job)] {
+            assert!(key.starts_with("{farm}:"), "{key}");
         }
     }
 
