@@ -1279,7 +1279,15 @@ async fn two_coordinators_never_dispatch_a_task_twice_and_sigterm_drains_a_worke
     let second_port = free_port();
     let _second = Proc(
         farm.command()
-            .args(["coordinator", "--id", "coordinator-b", "--grpc-addr", &format!("127.0.0.1:{second_port}"), "--http-addr", "127.0.0.1:0"])
+            .args([
+                "coordinator",
+                "--id",
+                "coordinator-b",
+                "--grpc-addr",
+                &format!("127.0.0.1:{second_port}"),
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
             .stdout(Stdio::null())
             .spawn()
             .expect("second coordinator"),
@@ -1287,12 +1295,23 @@ async fn two_coordinators_never_dispatch_a_task_twice_and_sigterm_drains_a_worke
     wait_for_port(second_port, "second coordinator");
     let mut client = farm.client().await;
     let seeds: Vec<u64> = (0..40).collect();
-    let id = submit(&mut client, spec(&PROMPTS[..1], &seeds, 6), "").await.job.expect("job").id;
+    let id = submit(&mut client, spec(&PROMPTS[..1], &seeds, 6), "")
+        .await
+        .job
+        .expect("job")
+        .id;
 
     // Once tasks run, SIGTERM one worker: it finishes what it holds and exits cleanly.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let job = client.get_job(pb::GetJobRequest { job_id: id.clone(), include_tasks: false }).await.expect("job").into_inner();
+        let job = client
+            .get_job(pb::GetJobRequest {
+                job_id: id.clone(),
+                include_tasks: false,
+            })
+            .await
+            .expect("job")
+            .into_inner();
         if job.tasks_succeeded >= 4 {
             break;
         }
@@ -1301,14 +1320,27 @@ async fn two_coordinators_never_dispatch_a_task_twice_and_sigterm_drains_a_worke
     }
     let mut drained = farm.workers.remove(0);
     let pid = drained.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
-    let status = tokio::task::spawn_blocking(move || drained.0.wait().expect("wait")).await.expect("join");
-    assert!(status.success(), "the worker did not exit cleanly on SIGTERM: {status:?}");
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let status = tokio::task::spawn_blocking(move || drained.0.wait().expect("wait"))
+        .await
+        .expect("join");
+    assert!(
+        status.success(),
+        "the worker did not exit cleanly on SIGTERM: {status:?}"
+    );
 
     let job = wait_done(&farm, &id, Duration::from_secs(180)).await;
     assert_eq!(job.status, pb::JobStatus::Succeeded as i32, "{job:?}");
     // Every task was dispatched exactly once: no lease had to expire, no coordinator raced.
     for task in &job.tasks {
-        assert_eq!(task.attempts, 1, "task {} was dispatched {} times", task.index, task.attempts);
+        assert_eq!(
+            task.attempts, 1,
+            "task {} was dispatched {} times",
+            task.index, task.attempts
+        );
     }
 }

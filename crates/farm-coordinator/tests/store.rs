@@ -447,12 +447,19 @@ async fn a_small_tenant_is_not_starved_behind_a_bulk_job() {
     let from_a = first.iter().filter(|c| c.task.job == a.id).count();
     assert_eq!((from_a, from_b), (2, 2), "{first:?}");
     // Within a tenant, its own order holds: B's tasks come in index order.
-    let b_tasks: Vec<u32> = first.iter().filter(|c| c.task.job == b.id).map(|c| c.task.index).collect();
+    let b_tasks: Vec<u32> = first
+        .iter()
+        .filter(|c| c.task.job == b.id)
+        .map(|c| c.task.index)
+        .collect();
     assert_eq!(b_tasks, vec![0, 1]);
     // Higher priority still goes first, whatever the tenant.
     let mut urgent = request(2, 0);
     urgent.priority = 10;
-    let (u, _) = store.submit(&validate(&urgent).expect("valid"), "tenant-a").await.expect("submit");
+    let (u, _) = store
+        .submit(&validate(&urgent).expect("valid"), "tenant-a")
+        .await
+        .expect("submit");
     let next = store.claim_for_dispatch(2, LEASE).await.expect("claim");
     assert!(next.iter().all(|c| c.task.job == u.id), "{next:?}");
     db.drop_db().await;
