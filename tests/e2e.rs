@@ -147,6 +147,8 @@ struct Farm {
     workers: Vec<Proc>,
     /// An admin token of tenant `e2e`.
     token: String,
+    /// Another Postgres than the shared one, when set.
+    name_db_url: Option<String>,
 }
 
 impl Farm {
@@ -165,6 +167,7 @@ impl Farm {
             coordinator: None,
             workers: Vec::new(),
             token: String::new(),
+            name_db_url: None,
         };
         let out = farm.farm(&[
             "model",
@@ -206,6 +209,9 @@ impl Farm {
         .env("RUST_LOG", "warn");
         if !self.token.is_empty() {
             cmd.env("FARM_TOKEN", &self.token);
+        }
+        if let Some(url) = &self.name_db_url {
+            cmd.env("FARM_DATABASE_URL", url);
         }
         cmd
     }
@@ -1343,4 +1349,144 @@ async fn two_coordinators_never_dispatch_a_task_twice_and_sigterm_drains_a_worke
             task.index, task.attempts
         );
     }
+}
+
+/// A private Postgres server (initdb + pg_ctl as the `postgres` user) that a test may stop
+/// and start without disturbing the shared one.
+struct PrivatePostgres {
+    dir: PathBuf,
+    port: u16,
+    bin: PathBuf,
+}
+
+impl PrivatePostgres {
+    fn start() -> PrivatePostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("/usr/lib/postgresql")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb");
+        let dir = std::env::temp_dir().join(format!("farm-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("pg dir");
+        let pg = PrivatePostgres {
+            dir,
+            port: free_port(),
+            bin,
+        };
+        pg.as_postgres(&format!("chown postgres {}", pg.dir.display()), true);
+        pg.as_postgres(
+            &format!(
+                "{}/initdb -D {}/data -A trust -U postgres",
+                pg.bin.display(),
+                pg.dir.display()
+            ),
+            false,
+        );
+        pg.up();
+        pg
+    }
+
+    fn as_postgres(&self, script: &str, as_root: bool) {
+        let status = if as_root {
+            Command::new("sh").args(["-c", script]).status()
+        } else {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--", "sh", "-c", script])
+                .stdout(Stdio::null())
+                .status()
+        }
+        .expect("run");
+        assert!(status.success(), "{script}");
+    }
+
+    fn up(&self) {
+        self.as_postgres(
+            &format!(
+                "{}/pg_ctl -D {d}/data -l {d}/log -w -o '-p {} -k {d} -h 127.0.0.1' start",
+                self.bin.display(),
+                self.port,
+                d = self.dir.display()
+            ),
+            false,
+        );
+    }
+
+    fn down(&self) {
+        self.as_postgres(
+            &format!(
+                "{}/pg_ctl -D {}/data -m fast -w stop",
+                self.bin.display(),
+                self.dir.display()
+            ),
+            false,
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/farm", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", "sh", "-c"])
+            .arg(format!(
+                "{}/pg_ctl -D {}/data -m immediate stop",
+                self.bin.display(),
+                self.dir.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_answers_unavailable_and_loses_nothing() {
+    let pg = PrivatePostgres::start();
+    let mut farm = Farm::new(0);
+    // Move this farm onto the private Postgres.
+    farm.kill_coordinator();
+    farm.name_db_url = Some(pg.url());
+    farm.token = String::new();
+    farm.token = farm.create_token("e2e", true);
+    farm.start_coordinator();
+    farm.start_worker();
+    let mut client = farm.client().await;
+    let first = submit(&mut client, spec(&PROMPTS[..1], &[1, 2], 2), "")
+        .await
+        .job
+        .expect("job")
+        .id;
+
+    pg.down();
+    let refused = client
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec(&PROMPTS[..1], &[3], 2)),
+            ..Default::default()
+        })
+        .await
+        .expect_err("Postgres is down");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::Unavailable,
+        "{}",
+        refused.message()
+    );
+
+    pg.up();
+    // The coordinator reconnects by itself; the job submitted before the outage finishes, and
+    // the refused submit left nothing behind.
+    let job = wait_done(&farm, &first, Duration::from_secs(120)).await;
+    assert_eq!(job.status, pb::JobStatus::Succeeded as i32, "{job:?}");
+    let jobs = client
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
 }
