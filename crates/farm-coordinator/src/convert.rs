@@ -71,7 +71,7 @@ pub(crate) fn request_from_pb(
         init_image,
         mask,
         webhook_url: spec.webhook_url,
-        train: (mode_is_finetune || !spec.output_model.is_empty()).then(|| farm_core::TrainRequest {
+        train: (mode_is_finetune || !spec.output_model.is_empty()).then_some(farm_core::TrainRequest {
             output_model: spec.output_model,
             steps: spec.train_steps,
             batch_size: spec.batch_size,
