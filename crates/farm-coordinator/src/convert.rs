@@ -71,16 +71,18 @@ pub(crate) fn request_from_pb(
         init_image,
         mask,
         webhook_url: spec.webhook_url,
-        train: (mode_is_finetune || !spec.output_model.is_empty()).then_some(farm_core::TrainRequest {
-            output_model: spec.output_model,
-            steps: spec.train_steps,
-            batch_size: spec.batch_size,
-            learning_rate: spec.learning_rate,
-            resolution: spec.resolution,
-            checkpoint_every: spec.checkpoint_every,
-            dataset_files,
-            dataset_prefix: spec.dataset,
-        }),
+        train: (mode_is_finetune || !spec.output_model.is_empty()).then_some(
+            farm_core::TrainRequest {
+                output_model: spec.output_model,
+                steps: spec.train_steps,
+                batch_size: spec.batch_size,
+                learning_rate: spec.learning_rate,
+                resolution: spec.resolution,
+                checkpoint_every: spec.checkpoint_every,
+                dataset_files,
+                dataset_prefix: spec.dataset,
+            },
+        ),
     }
 }
 
@@ -104,13 +106,33 @@ pub(crate) fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
         init_image_key: spec.init_image.clone().unwrap_or_default(),
         mask_key: spec.mask.clone().unwrap_or_default(),
         webhook_url: spec.webhook_url.clone().unwrap_or_default(),
-        output_model: spec.train.as_ref().map(|t| t.output_model.clone()).unwrap_or_default(),
+        output_model: spec
+            .train
+            .as_ref()
+            .map(|t| t.output_model.clone())
+            .unwrap_or_default(),
         train_steps: spec.train.as_ref().map(|t| t.steps).unwrap_or_default(),
-        batch_size: spec.train.as_ref().map(|t| t.batch_size).unwrap_or_default(),
+        batch_size: spec
+            .train
+            .as_ref()
+            .map(|t| t.batch_size)
+            .unwrap_or_default(),
         learning_rate: spec.train.as_ref().map(|t| t.learning_rate),
-        resolution: spec.train.as_ref().and_then(|t| t.resolution).unwrap_or_default(),
-        checkpoint_every: spec.train.as_ref().map(|t| t.checkpoint_every).unwrap_or_default(),
-        dataset: spec.train.as_ref().and_then(|t| t.dataset.clone()).unwrap_or_default(),
+        resolution: spec
+            .train
+            .as_ref()
+            .and_then(|t| t.resolution)
+            .unwrap_or_default(),
+        checkpoint_every: spec
+            .train
+            .as_ref()
+            .map(|t| t.checkpoint_every)
+            .unwrap_or_default(),
+        dataset: spec
+            .train
+            .as_ref()
+            .and_then(|t| t.dataset.clone())
+            .unwrap_or_default(),
     }
 }
 

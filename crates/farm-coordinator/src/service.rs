@@ -47,7 +47,10 @@ pub(crate) async fn serve(
         let read = |p: &std::path::Path, flag: &str| {
             std::fs::read(p).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", p.display()))
         };
-        let identity = tonic::transport::Identity::from_pem(read(cert, "--tls-cert")?, read(key, "--tls-key")?);
+        let identity = tonic::transport::Identity::from_pem(
+            read(cert, "--tls-cert")?,
+            read(key, "--tls-key")?,
+        );
         server = server
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key: {e}"))?;
@@ -83,7 +86,10 @@ impl Api {
 
     /// Whether a model of this name was published to storage by a finetune job.
     async fn published(&self, model: &str) -> Result<bool, Status> {
-        let key = format!("{}/models/{model}/model_index.json", self.shared.config.redis_prefix);
+        let key = format!(
+            "{}/models/{model}/model_index.json",
+            self.shared.config.redis_prefix
+        );
         self.shared
             .storage
             .exists(&key)
@@ -103,7 +109,9 @@ impl Api {
             let plain = !name.is_empty()
                 && !name.starts_with('.')
                 && name.len() <= 255
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
             if !plain {
                 return Err(Status::invalid_argument(format!(
                     "dataset_files: {name:?} is not a plain file name (letters, digits, '.', '_', '-')"
@@ -232,7 +240,13 @@ impl JobService for Api {
         if let Some(train) = &mut spec.train {
             let output = &train.output_model;
             if self.published(output).await?
-                || self.shared.store.model_available(output).await.map_err(store_status)? == Some(true)
+                || self
+                    .shared
+                    .store
+                    .model_available(output)
+                    .await
+                    .map_err(store_status)?
+                    == Some(true)
             {
                 return Err(Status::already_exists(format!(
                     "output_model: a model named {output:?} already exists; choose another name"
@@ -394,7 +408,11 @@ impl JobService for Api {
         };
         let storage = &self.shared.storage;
         let unavailable = |e: farm_storage::StorageError| Status::unavailable(e.to_string());
-        if let Some(url) = storage.presigned_get(&key, IMAGE_URL_TTL).await.map_err(unavailable)? {
+        if let Some(url) = storage
+            .presigned_get(&key, IMAGE_URL_TTL)
+            .await
+            .map_err(unavailable)?
+        {
             let expires = chrono::Utc::now() + IMAGE_URL_TTL;
             return Ok(Response::new(pb::TaskImage {
                 object_key: key,

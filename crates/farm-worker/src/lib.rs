@@ -230,7 +230,9 @@ impl TaskError {
         match self {
             TaskError::Model(e) => e.retryable(),
             TaskError::Render(DiffusionError::InvalidInput(_)) => false,
-            TaskError::Train(DiffusionError::InvalidInput(_) | DiffusionError::Model { .. }) => false,
+            TaskError::Train(DiffusionError::InvalidInput(_) | DiffusionError::Model { .. }) => {
+                false
+            }
             _ => true,
         }
     }
@@ -357,7 +359,11 @@ async fn input_image(worker: &Worker, key: &str) -> Result<RgbImage, TaskError> 
 pub(crate) fn cancel_poller(
     worker: &Worker,
     job: farm_core::JobId,
-) -> (Arc<AtomicBool>, CancellationToken, tokio::task::JoinHandle<()>) {
+) -> (
+    Arc<AtomicBool>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let cancelled = Arc::new(AtomicBool::new(false));
     let stop = CancellationToken::new();
     let (queue, flag, token) = (worker.queue.clone(), cancelled.clone(), stop.clone());
