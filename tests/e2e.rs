@@ -149,6 +149,8 @@ struct Farm {
     token: String,
     /// Another Postgres than the shared one, when set.
     name_db_url: Option<String>,
+    /// Environment set last, over the defaults above.
+    env_overrides: Vec<(String, String)>,
 }
 
 impl Farm {
@@ -168,6 +170,7 @@ impl Farm {
             workers: Vec::new(),
             token: String::new(),
             name_db_url: None,
+            env_overrides: Vec::new(),
         };
         let out = farm.farm(&[
             "model",
@@ -213,6 +216,7 @@ impl Farm {
         if let Some(url) = &self.name_db_url {
             cmd.env("FARM_DATABASE_URL", url);
         }
+        cmd.envs(self.env_overrides.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -1064,28 +1068,7 @@ fn unreachable_services_are_named_without_their_secrets() {
 async fn grpc_is_served_over_tls_with_a_given_certificate() {
     let mut farm = Farm::new(0);
     let dir = tempfile::tempdir().expect("tempdir");
-    // A test CA and a server certificate it signed, made with openssl.
-    let (cert, key, ca) = (
-        dir.path().join("cert.pem"),
-        dir.path().join("key.pem"),
-        dir.path().join("ca.pem"),
-    );
-    std::fs::write(
-        dir.path().join("san.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .expect("ext");
-    let script = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=farm-test-ca -keyout ca.key -out ca.pem \
-         && openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out req.csr \
-         && openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile san.ext -out cert.pem";
-    let made = Command::new("sh")
-        .args(["-c", script])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(made.success());
+    let (ca, cert, key) = make_certs(dir.path());
     farm.kill_coordinator();
     let (c, k) = (cert.display().to_string(), key.display().to_string());
     farm.start_coordinator_with(&["--tls-cert", &c, "--tls-key", &k]);
@@ -1489,4 +1472,90 @@ async fn a_postgres_restart_answers_unavailable_and_loses_nothing() {
         .into_inner()
         .jobs;
     assert_eq!(jobs.len(), 1, "{jobs:?}");
+}
+
+/// A test CA and a certificate for localhost/127.0.0.1 it signed, made with openssl:
+/// (ca.pem, cert.pem, key.pem) in `dir`.
+fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .expect("ext");
+    let script = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=farm-test-ca -keyout ca.key -out ca.pem \
+         && openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out req.csr \
+         && openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile san.ext -out cert.pem";
+    let made = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(made.success());
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_with_a_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = make_certs(dir.path());
+    let port = free_port();
+    let path = |p: &Path| p.display().to_string();
+    let _redis = Proc(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--tls-port",
+                &port.to_string(),
+            ])
+            .args([
+                "--tls-cert-file",
+                &path(&cert),
+                "--tls-key-file",
+                &path(&key),
+                "--tls-ca-cert-file",
+                &path(&ca),
+            ])
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--requirepass",
+                "s3cret-redis",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    );
+    wait_for_port(port, "redis-server (TLS)");
+    let mut farm = Farm::new(0);
+    farm.kill_coordinator();
+    farm.env_overrides = vec![
+        (
+            "FARM_REDIS_URL".into(),
+            format!("rediss://:s3cret-redis@localhost:{port}"),
+        ),
+        ("FARM_REDIS_CA".into(), path(&ca)),
+    ];
+    farm.start_coordinator();
+    farm.start_worker();
+    let mut client = farm.client().await;
+    let id = submit(&mut client, spec(&PROMPTS[..1], &[1], 2), "")
+        .await
+        .job
+        .expect("job")
+        .id;
+    let job = wait_done(&farm, &id, Duration::from_secs(120)).await;
+    assert_eq!(job.status, pb::JobStatus::Succeeded as i32, "{job:?}");
 }

@@ -78,6 +78,9 @@ pub struct Settings {
     /// ./farm-data/token).
     #[arg(long, global = true, env = "FARM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM CA certificate to trust for a rediss:// FARM_REDIS_URL (default: the system's).
+    #[arg(long, global = true, env = "FARM_REDIS_CA")]
+    pub redis_ca: Option<PathBuf>,
     /// PEM CA certificate to trust for an https:// FARM_COORDINATOR (default: the system's).
     #[arg(long, global = true, env = "FARM_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
@@ -256,6 +259,7 @@ impl Settings {
     pub fn coordinator_config(&self, addrs: &ServeAddrs) -> CoordinatorConfig {
         let mut config = CoordinatorConfig::new(&self.database_url, &self.redis_url, &self.storage);
         config.redis_prefix = self.redis_prefix.clone();
+        config.redis_ca = self.redis_ca.clone();
         config.grpc_addr = addrs.grpc_addr;
         config.http_addr = addrs.http_addr;
         config
@@ -264,6 +268,7 @@ impl Settings {
     pub fn worker_config(&self, args: &WorkerArgs) -> WorkerConfig {
         let mut config = WorkerConfig::new(&self.redis_url, &self.storage, self.models.clone());
         config.redis_prefix = self.redis_prefix.clone();
+        config.redis_ca = self.redis_ca.clone();
         config.concurrency = args.concurrency;
         config.device = args.device.clone();
         config.pipeline = args.pipeline;

@@ -34,6 +34,8 @@ pub struct CoordinatorConfig {
     pub database_url: String,
     pub redis_url: String,
     pub redis_prefix: String,
+    /// PEM CA certificate for a `rediss://` Redis with a private CA.
+    pub redis_ca: Option<std::path::PathBuf>,
     pub storage: String,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
@@ -59,6 +61,7 @@ impl CoordinatorConfig {
             database_url: database_url.to_string(),
             redis_url: redis_url.to_string(),
             redis_prefix: "farm".into(),
+            redis_ca: None,
             storage: storage.to_string(),
             grpc_addr: ([127, 0, 0, 1], 50051).into(),
             http_addr: ([127, 0, 0, 1], 8080).into(),
@@ -117,8 +120,18 @@ pub async fn drop_database(database_url: &str) -> anyhow::Result<()> {
     Store::drop_database(database_url).await.map_err(Into::into)
 }
 
-pub async fn connect_queue(redis_url: &str, prefix: &str) -> anyhow::Result<Queue> {
-    Queue::connect(redis_url, prefix).await.with_context(|| {
+pub async fn connect_queue(
+    redis_url: &str,
+    prefix: &str,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<Queue> {
+    let ca_pem = ca
+        .map(|p| {
+            std::fs::read(p)
+                .with_context(|| format!("FARM_REDIS_CA {}: cannot read it", p.display()))
+        })
+        .transpose()?;
+    Queue::connect_with_ca(redis_url, prefix, ca_pem).await.with_context(|| {
         format!(
             "cannot reach Redis at {}; start it (e.g. `redis-server --daemonize yes --port 6379`) or set FARM_REDIS_URL",
             farm_core::redact_url(redis_url)
@@ -183,7 +196,12 @@ impl Bound {
 /// binds both listeners.
 pub async fn bind(config: CoordinatorConfig) -> anyhow::Result<Bound> {
     let store = connect_store(&config.database_url).await?;
-    let queue = connect_queue(&config.redis_url, &config.redis_prefix).await?;
+    let queue = connect_queue(
+        &config.redis_url,
+        &config.redis_prefix,
+        config.redis_ca.as_deref(),
+    )
+    .await?;
     let storage = open_storage(&config.storage).await?;
     let grpc = tokio::net::TcpListener::bind(config.grpc_addr)
         .await

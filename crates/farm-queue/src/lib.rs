@@ -163,11 +163,31 @@ pub struct Queue {
 impl Queue {
     /// Connects (failing fast when Redis is down) and creates the consumer groups.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, QueueError> {
+        Self::connect_with_ca(url, prefix, None).await
+    }
+
+    /// [`Queue::connect`]; for a `rediss://` URL, `ca_pem` (a PEM CA certificate) replaces the
+    /// system's trust store.
+    pub async fn connect_with_ca(
+        url: &str,
+        prefix: &str,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Result<Self, QueueError> {
         let err = |source| QueueError::Redis {
             url: farm_core::redact_url(url),
             source,
         };
-        let client = redis::Client::open(url).map_err(err)?;
+        let client = match ca_pem {
+            Some(root_cert) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+        .map_err(err)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(3)))
             .set_number_of_retries(2)

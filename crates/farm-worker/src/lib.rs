@@ -35,6 +35,8 @@ const UPLOAD_TRIES: u32 = 5;
 pub struct WorkerConfig {
     pub redis_url: String,
     pub redis_prefix: String,
+    /// PEM CA certificate for a `rediss://` Redis with a private CA.
+    pub redis_ca: Option<PathBuf>,
     pub storage: String,
     pub models_root: PathBuf,
     pub concurrency: usize,
@@ -72,6 +74,7 @@ impl WorkerConfig {
         WorkerConfig {
             redis_url: redis_url.to_string(),
             redis_prefix: "farm".into(),
+            redis_ca: None,
             storage: storage.to_string(),
             models_root,
             concurrency: 1,
@@ -108,7 +111,15 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     anyhow::ensure!(config.concurrency >= 1, "--concurrency must be at least 1");
     let device = farm_diffusion::parse_device(&config.device)
         .with_context(|| format!("--device {}", config.device))?;
-    let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
+    let ca_pem = config
+        .redis_ca
+        .as_ref()
+        .map(|p| {
+            std::fs::read(p)
+                .with_context(|| format!("FARM_REDIS_CA {}: cannot read it", p.display()))
+        })
+        .transpose()?;
+    let queue = Queue::connect_with_ca(&config.redis_url, &config.redis_prefix, ca_pem)
         .await
         .with_context(|| {
             format!(
