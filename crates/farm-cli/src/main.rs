@@ -397,7 +397,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Workers { json } => client::workers(&settings, json).await,
         Command::Migrate => {
             farm_coordinator::connect_store(&settings.database_url).await?;
-            println!("migrations applied to {}", farm_core::redact_url(&settings.database_url));
+            println!(
+                "migrations applied to {}",
+                farm_core::redact_url(&settings.database_url)
+            );
             Ok(())
         }
         Command::Token {

@@ -53,10 +53,8 @@ pub fn run(args: BatchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
     let device: Device = farm_diffusion::parse_device(&args.device)
         .with_context(|| format!("--device {}", args.device))?;
-    let dir = std::env::temp_dir().join(format!(
-        "farm-bench-tiny-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("farm-bench-tiny-{}", uuid::Uuid::new_v4().simple()));
     farm_diffusion::init_tiny(&dir, 0).context("cannot write the tiny model")?;
     let model = StableDiffusion::load(&dir, &device, DType::F32);
     let _ = std::fs::remove_dir_all(&dir);
@@ -76,7 +74,11 @@ pub fn run(args: BatchArgs) -> anyhow::Result<()> {
         };
         let go = || -> anyhow::Result<()> {
             let images = model.generate(&request, &mut |_, _| true)?;
-            anyhow::ensure!(images.len() == batch, "generate returned {} images", images.len());
+            anyhow::ensure!(
+                images.len() == batch,
+                "generate returned {} images",
+                images.len()
+            );
             Ok(())
         };
         go()?;

@@ -377,9 +377,7 @@ async fn raw_roundtrips(redis_url: &str, args: &OrchestrationArgs) -> anyhow::Re
             let me = WorkerId(format!("raw-{w}"));
             let mut acks = tokio::task::JoinSet::new();
             while acked.load(Ordering::Relaxed) < n {
-                let got = queue
-                    .read_tasks(&me, 1, Duration::from_millis(100))
-                    .await?;
+                let got = queue.read_tasks(&me, 1, Duration::from_millis(100)).await?;
                 for d in got {
                     let (queue, acked) = (queue.clone(), acked.clone());
                     acks.spawn(async move {
@@ -402,7 +400,10 @@ async fn raw_roundtrips(redis_url: &str, args: &OrchestrationArgs) -> anyhow::Re
     let mut sent = 0u64;
     while sent < n {
         let outstanding = sent - acked.load(Ordering::Relaxed);
-        let room = window.saturating_sub(outstanding).min(DISPATCH_BATCH).min(n - sent);
+        let room = window
+            .saturating_sub(outstanding)
+            .min(DISPATCH_BATCH)
+            .min(n - sent);
         if room == 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;

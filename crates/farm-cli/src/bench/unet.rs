@@ -9,8 +9,8 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use clap::Args;
-use farm_diffusion::config::{JsonFile, UNetConfig};
 use farm_diffusion::candle_core;
+use farm_diffusion::config::{JsonFile, UNetConfig};
 use farm_diffusion::{DType, Device};
 use serde::Serialize;
 
@@ -145,9 +145,10 @@ pub fn run(args: UnetArgs) -> anyhow::Result<()> {
     let params = SD15_PARAMS;
 
     let b = args.batch;
-    let sample = candle_core::Tensor::randn(0f32, 1.0, (b, 4, args.latent, args.latent), &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(&device)?;
+    let sample =
+        candle_core::Tensor::randn(0f32, 1.0, (b, 4, args.latent, args.latent), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(&device)?;
     let context = candle_core::Tensor::randn(0f32, 1.0, (b, 77, 768), &Device::Cpu)?
         .to_dtype(dtype)?
         .to_device(&device)?;
@@ -182,7 +183,13 @@ pub fn run(args: UnetArgs) -> anyhow::Result<()> {
         build_s: round(build_s, 2),
         warmup_s: round(warmup_s, 3),
         seconds: round(seconds, 3),
-        min_s: round(runs.iter().copied().fold(f64::INFINITY, f64::min).min(warmup_s), 3),
+        min_s: round(
+            runs.iter()
+                .copied()
+                .fold(f64::INFINITY, f64::min)
+                .min(warmup_s),
+            3,
+        ),
         runs: runs.iter().map(|r| round(*r, 3)).collect(),
         peak_rss_mib: round(peak_rss_mib(), 1),
     };
