@@ -1158,13 +1158,12 @@ async fn finetune_resumes_after_a_kill_and_publishes_a_model() {
                 if killed {
                     steps_after_kill.push(p.step);
                 } else if p.step >= 6 {
-                    let slot = farm.workers.iter().position(|_| true).expect("workers");
-                    let target = format!("{}-w", farm.name);
+                    // Workers are named `{farm}-w{index}`: kill the one training.
                     let index: usize = p
                         .worker
-                        .strip_prefix(&target)
+                        .strip_prefix(&format!("{}-w", farm.name))
                         .and_then(|n| n.parse().ok())
-                        .unwrap_or(slot);
+                        .expect("a worker of this farm");
                     farm.workers.remove(index);
                     killed = true;
                 }

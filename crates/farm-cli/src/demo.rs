@@ -63,6 +63,7 @@ pub async fn run(settings: &Settings, args: DemoArgs) -> anyhow::Result<()> {
             "No real model in {models}: using the tiny random-weight model at {tiny}.\n\
              A tiny random model has the real Stable Diffusion architecture but untrained weights: it draws noise, not pictures.\n\
              For real images put Stable Diffusion 1.5 (diffusers layout, safetensors) at {real}\n\
+             (`farm model pull stable-diffusion-v1-5/stable-diffusion-v1-5` downloads it there)\n\
              and run `farm demo` again (or `farm demo --model NAME` for another folder under FARM_MODELS).\n",
             models = settings.models.display(),
             tiny = dir.display(),

@@ -648,8 +648,7 @@ impl Store {
     async fn apply_once(&self, events: &[Event], run_lease: Duration) -> Result<Applied> {
         let mut tx = self.pool.begin().await?;
         let mut applied = Applied::default();
-        // job -> (succeeded delta, failed delta, started)
-        let mut deltas: BTreeMap<Uuid, (i32, i32, bool)> = BTreeMap::new();
+        let mut deltas = Deltas::new();
         // `started` and `succeeded` events are applied set-based after the loop, one
         // statement each for the whole batch (they are most of the traffic). Heartbeats and
         // failures are applied first, in order; every transition stays fenced by attempt and
@@ -689,7 +688,6 @@ impl Store {
                     match status.as_deref() {
                         Some(s) => {
                             let d = deltas.entry(task.job.0).or_default();
-                            d.2 = true;
                             if s == "failed" {
                                 d.1 += 1;
                             }
@@ -712,7 +710,7 @@ impl Store {
         }
         apply_started(&mut tx, &started, run_lease, &mut applied, &mut deltas).await?;
         apply_succeeded(&mut tx, &succeeded, &mut applied, &mut deltas).await?;
-        for (job, (succeeded, failed, _started)) in deltas {
+        for (job, (succeeded, failed)) in deltas {
             bump_job(&mut tx, job, succeeded, failed).await?;
         }
         tx.commit().await?;
@@ -915,8 +913,9 @@ async fn upsert_worker(tx: &mut Transaction<'_, Postgres>, info: &WorkerInfo) ->
     Ok(())
 }
 
-/// job -> (succeeded delta, failed delta, started), as `apply_once` collects them.
-type Deltas = BTreeMap<Uuid, (i32, i32, bool)>;
+/// job -> (succeeded delta, failed delta), as `apply_once` collects them; a job whose tasks
+/// only started is present with (0, 0), so its status still moves to `running`.
+type Deltas = BTreeMap<Uuid, (i32, i32)>;
 
 /// `queued` → `running` for every `started` event of a batch in one statement.
 async fn apply_started(
@@ -964,7 +963,7 @@ async fn apply_started(
             job: JobId(r.try_get("job_id")?),
             index: r.try_get::<i32, _>("idx")? as u32,
         };
-        deltas.entry(task.job.0).or_default().2 = true;
+        deltas.entry(task.job.0).or_default();
         applied.changed.push(task);
     }
     Ok(())
@@ -1053,9 +1052,7 @@ async fn apply_succeeded(
             job: JobId(r.try_get("job_id")?),
             index: r.try_get::<i32, _>("idx")? as u32,
         };
-        let d = deltas.entry(task.job.0).or_default();
-        d.0 += 1;
-        d.2 = true;
+        deltas.entry(task.job.0).or_default().0 += 1;
         applied.changed.push(task);
         *done.entry(r.try_get("worker")?).or_default() += 1;
     }
