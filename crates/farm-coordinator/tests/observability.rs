@@ -7,36 +7,8 @@ use farm_coordinator::store::Store;
 use farm_core::{validate, Attempt, JobRequest, JobStatus, TaskRef, TaskStatus, WorkerId};
 use farm_queue::{Event, Timings};
 
-struct TestDb {
-    name: String,
-    store: Store,
-}
-
-impl TestDb {
-    async fn new() -> TestDb {
-        let name = format!(
-            "farm_obs_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let store = Store::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
-            .await
-            .expect("postgres on 127.0.0.1:5432");
-        TestDb { name, store }
-    }
-
-    async fn drop_db(self) {
-        drop(self.store);
-        if let Ok(pool) = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await
-        {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&pool)
-            .await;
-        }
-    }
-}
+mod support;
+use support::TestDb;
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -89,7 +61,7 @@ fn failed(task: TaskRef, attempt: Attempt) -> Event {
 
 #[tokio::test]
 async fn overview_counts_per_tenant_and_model() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("farm_obs").await;
     let spec = validate(&request(3, "")).expect("valid");
     let (a, _) = db.store.submit(&spec, "acme").await.expect("submit");
     let (_b, _) = db.store.submit(&spec, "globex").await.expect("submit");
@@ -125,7 +97,7 @@ async fn overview_counts_per_tenant_and_model() {
 
 #[tokio::test]
 async fn retry_failed_reopens_the_job_with_fresh_attempts() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("farm_obs").await;
     let spec = validate(&request(2, "")).expect("valid");
     let (job, _) = db.store.submit(&spec, "acme").await.expect("submit");
     run_all(&db.store, |t, a| {
@@ -206,7 +178,7 @@ async fn retry_failed_reopens_the_job_with_fresh_attempts() {
 
 #[tokio::test]
 async fn webhook_deliveries_queue_once_per_job_end_and_back_off() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("farm_obs").await;
     let url = "https://example.com/hook";
     let (job, _) = db
         .store

@@ -7,36 +7,8 @@ use farm_coordinator::store::{Store, DEFAULT_TENANT};
 use farm_core::{validate, Attempt, JobRequest, JobStatus, TaskRef, TaskStatus, WorkerId};
 use farm_queue::{Event, Timings, WorkerInfo};
 
-struct TestDb {
-    name: String,
-    store: Store,
-}
-
-impl TestDb {
-    async fn new() -> TestDb {
-        let name = format!(
-            "farm_store_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let store = Store::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
-            .await
-            .expect("postgres on 127.0.0.1:5432");
-        TestDb { name, store }
-    }
-
-    async fn drop_db(self) {
-        drop(self.store);
-        if let Ok(pool) = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await
-        {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&pool)
-            .await;
-        }
-    }
-}
+mod support;
+use support::TestDb;
 
 fn request(seeds: u32, max_attempts: u32) -> JobRequest {
     JobRequest {
@@ -89,7 +61,7 @@ const LEASE: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn submit_writes_every_task_once_and_honours_idempotency_keys() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("farm_store").await;
     let mut req = request(5, 0);
     req.prompts = vec!["a".into(), "b".into()];
     req.idempotency_key = "key-1".into();
@@ -146,7 +118,7 @@ async fn submit_writes_every_task_once_and_honours_idempotency_keys() {
 
 #[tokio::test]
 async fn late_and_duplicate_events_change_nothing() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("farm_store").await;
     let store = &db.store;
     let (job, _) = store
         .submit(&validate(&request(1, 3)).expect("valid"), DEFAULT_TENANT)
@@ -212,7 +184,7 @@ async fn late_and_duplicate_events_change_nothing() {
 
 #[tokio::test]
 async fn exhausted_attempts_dead_letter_with_the_last_error() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("farm_store").await;
     let store = &db.store;
     let (job, _) = store
         .submit(&validate(&request(2, 2)).expect("valid"), DEFAULT_TENANT)
@@ -280,7 +252,7 @@ async fn exhausted_attempts_dead_letter_with_the_last_error() {
 
 #[tokio::test]
 async fn cancel_stops_unfinished_tasks_and_keeps_finished_ones() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("farm_store").await;
     let store = &db.store;
     let (job, _) = store
         .submit(&validate(&request(3, 0)).expect("valid"), DEFAULT_TENANT)
@@ -310,7 +282,7 @@ async fn cancel_stops_unfinished_tasks_and_keeps_finished_ones() {
 
 #[tokio::test]
 async fn tokens_tenants_and_quotas() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("farm_store").await;
     let store = &db.store;
     let token = store.create_token("alice", false).await.expect("token");
     let admin = store.create_token("ops", true).await.expect("token");
@@ -399,7 +371,7 @@ async fn tokens_tenants_and_quotas() {
 
 #[tokio::test]
 async fn a_new_redis_run_id_requeues_what_the_old_redis_held() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("farm_store").await;
     let store = &db.store;
     let (job, _) = store
         .submit(&validate(&request(3, 0)).expect("valid"), DEFAULT_TENANT)
@@ -435,7 +407,7 @@ async fn a_new_redis_run_id_requeues_what_the_old_redis_held() {
 
 #[tokio::test]
 async fn a_small_tenant_is_not_starved_behind_a_bulk_job() {
-    let db = TestDb::new().await;
+    let db = TestDb::new("farm_store").await;
     let store = &db.store;
     let bulk = validate(&request(1000, 0)).expect("valid");
     let (a, _) = store.submit(&bulk, "tenant-a").await.expect("submit a");
