@@ -91,6 +91,9 @@ pub enum DiffusionError {
     /// The progress callback asked to stop.
     #[error("cancelled")]
     Cancelled,
+    /// The model produced NaN or infinite values (broken weights, or f16 overflow).
+    #[error("the decoded image holds {0} NaN or infinite values")]
+    NotFinite(usize),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

@@ -473,6 +473,17 @@ impl StableDiffusion {
     /// VAE-decodes unscaled latents `[n, C, h, w]` into RGB images.
     fn decode_unscaled(&self, z: &Tensor) -> Result<Vec<RgbImage>> {
         let image = self.vae.decode(z)?.to_dtype(DType::F32)?;
+        // x - x is NaN exactly where x is NaN or infinite, and NaN is the one value unequal
+        // to itself: a poisoned output fails instead of quietly becoming black pixels.
+        let diff = (&image - &image)?;
+        let bad = diff
+            .ne(&diff)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        if bad > 0.0 {
+            return Err(DiffusionError::NotFinite(bad as usize));
+        }
         let image = ((image / 2.0)? + 0.5)?
             .clamp(0f32, 1f32)?
             .affine(255.0, 0.0)?

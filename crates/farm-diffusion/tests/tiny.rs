@@ -243,3 +243,27 @@ fn init_tiny_is_deterministic() {
         );
     }
 }
+
+#[test]
+fn a_model_that_outputs_nan_fails_instead_of_drawing_black() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_tiny(dir.path(), 3).expect("init_tiny");
+    // Poison the VAE decoder's last convolution.
+    let weights = dir.path().join("vae/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).expect("load vae");
+    let bias = tensors
+        .get("decoder.conv_out.bias")
+        .expect("conv_out bias")
+        .clone();
+    let nan = (bias.zeros_like().expect("zeros") / 0.0).expect("nan");
+    tensors.insert("decoder.conv_out.bias".into(), nan);
+    candle_core::safetensors::save(&tensors, &weights).expect("save vae");
+    let model = StableDiffusion::load(dir.path(), &Device::Cpu, DType::F32).expect("load");
+    let err = model
+        .txt2img(&request(SchedulerKind::Ddim, 1), &mut |_, _| true)
+        .expect_err("NaN output");
+    assert!(
+        matches!(err, DiffusionError::NotFinite(n) if n > 0),
+        "{err}"
+    );
+}
