@@ -473,9 +473,9 @@ impl StableDiffusion {
     /// VAE-decodes unscaled latents `[n, C, h, w]` into RGB images.
     fn decode_unscaled(&self, z: &Tensor) -> Result<Vec<RgbImage>> {
         let image = self.vae.decode(z)?.to_dtype(DType::F32)?;
-        // x - x is NaN exactly where x is NaN or infinite, and NaN is the one value unequal
+        // x * 0 is NaN exactly where x is NaN or infinite, and NaN is the one value unequal
         // to itself: a poisoned output fails instead of quietly becoming black pixels.
-        let diff = (&image - &image)?;
+        let diff = image.affine(0.0, 0.0)?;
         let bad = diff
             .ne(&diff)?
             .to_dtype(DType::F32)?
