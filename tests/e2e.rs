@@ -1537,3 +1537,101 @@ async fn redis_over_tls_with_a_password() {
     let job = wait_done(&farm, &id, Duration::from_secs(120)).await;
     assert_eq!(job.status, pb::JobStatus::Succeeded as i32, "{job:?}");
 }
+
+/// Accepts HTTP requests on a free port and keeps (request line, body) of each, answering 200.
+fn http_recorder() -> (u16, Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut data = Vec::new();
+            let mut buf = [0u8; 8192];
+            // Headers, then as many body bytes as Content-Length says.
+            let (head_end, length) = loop {
+                let Ok(n) = stream.read(&mut buf) else {
+                    break (None, 0);
+                };
+                if n == 0 {
+                    break (None, 0);
+                }
+                data.extend_from_slice(&buf[..n]);
+                if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    break (Some(end + 4), length);
+                }
+            };
+            let Some(start) = head_end else { continue };
+            while data.len() < start + length {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => data.extend_from_slice(&buf[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&data[..start])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if let Ok(mut seen) = keep.lock() {
+                seen.push((line, data[start..].to_vec()));
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_spans_are_exported_over_otlp() {
+    let (port, seen) = http_recorder();
+    let mut farm = Farm::new(0);
+    farm.env_overrides = vec![(
+        "FARM_OTLP_ENDPOINT".into(),
+        format!("http://127.0.0.1:{port}"),
+    )];
+    farm.start_worker();
+    let mut client = farm.client().await;
+    let id = submit(&mut client, spec(&PROMPTS[..1], &[4], 2), "")
+        .await
+        .job
+        .expect("job")
+        .id;
+    let job = wait_done(&farm, &id, Duration::from_secs(120)).await;
+    assert_eq!(job.status, pb::JobStatus::Succeeded as i32);
+    // A graceful stop flushes the spans still batched.
+    let mut worker = farm.workers.remove(0);
+    let pid = worker.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let _ = tokio::task::spawn_blocking(move || worker.0.wait()).await;
+    let seen = seen.lock().expect("recorder").clone();
+    let traces: Vec<&Vec<u8>> = seen
+        .iter()
+        .filter(|(line, _)| line.starts_with("POST /v1/traces"))
+        .map(|(_, b)| b)
+        .collect();
+    assert!(
+        !traces.is_empty(),
+        "no OTLP export: {:?}",
+        seen.iter().map(|(l, _)| l).collect::<Vec<_>>()
+    );
+    let contains = |needle: &[u8]| {
+        traces
+            .iter()
+            .any(|b| b.windows(needle.len()).any(|w| w == needle))
+    };
+    assert!(contains(b"task"), "no task span");
+    assert!(contains(id.as_bytes()), "no span carries the job id");
+}

@@ -84,6 +84,9 @@ pub struct Settings {
     /// PEM CA certificate to trust for an https:// FARM_COORDINATOR (default: the system's).
     #[arg(long, global = true, env = "FARM_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Export traces over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318).
+    #[arg(long, global = true, env = "FARM_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Log format: text or json.
     #[arg(long, global = true, env = "FARM_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -240,19 +243,57 @@ enum ModelCommand {
     },
 }
 
-fn init_logging(format: &str) {
+/// Logs to stderr (text or JSON lines) and, with an OTLP endpoint, exports every span (each
+/// job's and task's carry their ids) over OTLP/HTTP. Returns the exporter to flush at exit.
+fn init_logging(
+    format: &str,
+    otlp_endpoint: Option<&str>,
+) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    use tracing_subscriber::prelude::*;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower=warn,h2=warn")
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
+    // RUST_LOG filters what is printed; exported spans keep their own level (info), so a
+    // quiet terminal does not mean empty traces.
+    let fmt = if format == "json" {
+        fmt.json().with_filter(filter).boxed()
     } else {
-        builder.init();
-    }
+        fmt.with_filter(filter).boxed()
+    };
+    let provider = match otlp_endpoint.filter(|e| !e.is_empty()) {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .build()
+                .with_context(|| format!("--otlp-endpoint {endpoint}"))?;
+            let resource = opentelemetry_sdk::Resource::builder()
+                .with_service_name("farm")
+                .build();
+            Some(
+                opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(resource)
+                    .build(),
+            )
+        }
+        None => None,
+    };
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("farm"))
+            .with_filter(tracing_subscriber::EnvFilter::new(
+                "info,sqlx=warn,tower=warn,h2=warn",
+            ))
+    });
+    tracing_subscriber::registry().with(fmt).with(otel).init();
+    Ok(provider)
 }
 
 impl Settings {
@@ -437,7 +478,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.settings.log_format);
+    let tracer = match init_logging(
+        &cli.settings.log_format,
+        cli.settings.otlp_endpoint.as_deref(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -448,7 +498,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    drop(runtime);
+    if let Some(tracer) = tracer {
+        // Flush the spans still batched.
+        let _ = tracer.shutdown();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -263,7 +263,9 @@ impl JobService for Api {
             .await
             .map_err(store_status)?;
         if created {
-            tracing::info!(job = %job.id, tenant = %caller.tenant, tasks = job.tasks_total, model = %spec.model, "job submitted");
+            tracing::info_span!("job", job = %job.id, tenant = %caller.tenant).in_scope(|| {
+                tracing::info!(tasks = job.tasks_total, model = %spec.model, mode = spec.mode.as_str(), "job submitted")
+            });
             self.shared.dispatch_now.notify_one();
         }
         Ok(Response::new(pb::SubmitJobResponse {
