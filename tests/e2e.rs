@@ -1538,8 +1538,11 @@ async fn redis_over_tls_with_a_password() {
     assert_eq!(job.status, pb::JobStatus::Succeeded as i32, "{job:?}");
 }
 
+/// (request line, body) of each request an [`http_recorder`] received.
+type Recorded = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// Accepts HTTP requests on a free port and keeps (request line, body) of each, answering 200.
-fn http_recorder() -> (u16, Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+fn http_recorder() -> (u16, Recorded) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
