@@ -138,7 +138,14 @@ impl Farm {
                 "--grpc-addr",
                 &format!("127.0.0.1:{}", self.grpc_port),
             ])
-            .args(["--http-addr", "127.0.0.1:0", "--run-lease-secs", "5"])
+            .args([
+                "--http-addr",
+                "127.0.0.1:0",
+                "--run-lease-secs",
+                "5",
+                "--queue-lease-secs",
+                "15",
+            ])
             .spawn()
             .context("cannot start the coordinator")?;
         self.coordinator = Some(Proc(child));

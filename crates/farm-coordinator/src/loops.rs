@@ -16,6 +16,9 @@ const DISPATCH_TICK: Duration = Duration::from_millis(100);
 const REAP_TICK: Duration = Duration::from_secs(1);
 const EVENT_BATCH: usize = 512;
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// How long a delivered, unacknowledged dispatch message may sit with a consumer that is no
+/// live worker before its task is requeued.
+const HELD_BY_DEAD_AFTER: Duration = Duration::from_secs(3);
 
 /// Late binding: keeps queued + running tasks at about twice the online worker slots, so
 /// priorities and cancellation still act on everything not yet handed out.
@@ -252,6 +255,9 @@ pub(crate) async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) -> 
             },
             Err(e) => tracing::debug!(error = %e, "Redis unreachable"),
         }
+        if let Err(e) = requeue_from_dead_workers(&shared).await {
+            tracing::warn!(error = %e, "checking for tasks held by dead workers failed");
+        }
         match shared.store.reap_expired(1000).await {
             Ok(reaped) if reaped.is_empty() => {}
             Ok(reaped) => {
@@ -273,4 +279,41 @@ pub(crate) async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) -> 
             Err(e) => tracing::warn!(error = %e, "reaping failed"),
         }
     }
+}
+
+/// A worker killed between reading a task and starting it leaves the task `queued` with its
+/// message in the dead consumer's pending list, where no lease of a running task covers it.
+/// Such messages are found with XPENDING and their tasks requeued at once.
+async fn requeue_from_dead_workers(shared: &Shared) -> anyhow::Result<()> {
+    let pending = shared.queue.delivered_unacked(HELD_BY_DEAD_AFTER).await?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let online: std::collections::HashSet<String> = shared
+        .store
+        .workers()
+        .await?
+        .into_iter()
+        .filter(|w| w.online)
+        .map(|w| w.info.worker.0)
+        .collect();
+    let orphaned: Vec<String> = pending
+        .into_iter()
+        .filter(|(_, consumer)| !online.contains(consumer))
+        .map(|(id, _)| id)
+        .collect();
+    if orphaned.is_empty() {
+        return Ok(());
+    }
+    let requeued = shared.store.requeue_undelivered(&orphaned).await?;
+    // Whatever they were, the messages belong to no live worker: drop them.
+    shared.queue.retract_tasks(&orphaned).await?;
+    if !requeued.is_empty() {
+        tracing::warn!(n = requeued.len(), "tasks held by dead workers requeued");
+        for task in requeued {
+            let _ = shared.updates.send(Update::Changed(task));
+        }
+        shared.dispatch_now.notify_one();
+    }
+    Ok(())
 }

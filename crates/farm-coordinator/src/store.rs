@@ -771,6 +771,32 @@ impl Store {
         Ok(reaped)
     }
 
+    /// Sends `queued` tasks whose dispatch message sits with a dead worker (it read the
+    /// message but never started) back to `pending`. Returns the tasks changed.
+    pub async fn requeue_undelivered(&self, stream_ids: &[String]) -> Result<Vec<TaskRef>> {
+        if stream_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "UPDATE tasks SET status = 'pending', lease_deadline = NULL, stream_id = NULL,
+                    error = format('attempt %s: its worker died before starting it', attempt),
+                    updated_at = clock_timestamp()
+             WHERE stream_id = ANY($1) AND status = 'queued'
+             RETURNING job_id, idx",
+        )
+        .bind(stream_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TaskRef {
+                    job: JobId(r.try_get("job_id")?),
+                    index: r.try_get::<i32, _>("idx")? as u32,
+                })
+            })
+            .collect()
+    }
+
     pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
         let rows = sqlx::query(
             "SELECT id, hostname, device, concurrency, running, models, available, tasks_done, tasks_failed,

@@ -360,6 +360,34 @@ impl Queue {
             .map_err(|e| self.err(e))
     }
 
+    /// Dispatch messages handed to a consumer at least `min_idle` ago and not acknowledged:
+    /// (stream id, consumer). A consumer that is no live worker died holding them.
+    pub async fn delivered_unacked(
+        &self,
+        min_idle: Duration,
+    ) -> Result<Vec<(String, String)>, QueueError> {
+        let mut conn = self.conn.clone();
+        let reply: Result<Vec<(String, String, u64, u64)>, _> = redis::cmd("XPENDING")
+            .arg(self.keys.tasks())
+            .arg(WORKERS_GROUP)
+            .arg("IDLE")
+            .arg(min_idle.as_millis() as u64)
+            .arg("-")
+            .arg("+")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await;
+        match reply {
+            Ok(entries) => Ok(entries
+                .into_iter()
+                .map(|(id, consumer, _, _)| (id, consumer))
+                .collect()),
+            // No stream or group (yet, or after a Redis restart): nothing is pending.
+            Err(e) if e.code() == Some("NOGROUP") => Ok(Vec::new()),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
     /// Removes dispatch messages of attempts that were superseded (their lease expired), so no
     /// worker starts them late. A worker that already has one is fenced by its attempt.
     pub async fn retract_tasks(&self, ids: &[String]) -> Result<(), QueueError> {
