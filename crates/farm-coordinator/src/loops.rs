@@ -19,6 +19,8 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// How long a delivered, unacknowledged dispatch message may sit with a consumer that is no
 /// live worker before its task is requeued.
 const HELD_BY_DEAD_AFTER: Duration = Duration::from_secs(3);
+/// A claimed task whose stream id was not recorded this long after is requeued.
+const UNSENT_AFTER: Duration = Duration::from_secs(15);
 
 /// Late binding: keeps queued + running tasks at about twice the online worker slots, so
 /// priorities and cancellation still act on everything not yet handed out.
@@ -254,6 +256,17 @@ pub(crate) async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) -> 
                 Err(e) => tracing::warn!(error = %e, "recording the Redis run id failed"),
             },
             Err(e) => tracing::debug!(error = %e, "Redis unreachable"),
+        }
+        match shared.store.requeue_unsent(UNSENT_AFTER).await {
+            Ok(tasks) if !tasks.is_empty() => {
+                tracing::warn!(n = tasks.len(), "unconfirmed dispatches requeued");
+                for task in tasks {
+                    let _ = shared.updates.send(Update::Changed(task));
+                }
+                shared.dispatch_now.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "requeueing unconfirmed dispatches failed"),
         }
         if let Err(e) = requeue_from_dead_workers(&shared).await {
             tracing::warn!(error = %e, "checking for tasks held by dead workers failed");

@@ -771,6 +771,32 @@ impl Store {
         Ok(reaped)
     }
 
+    /// Sends back to `pending` the tasks marked `queued` more than `older_than` ago that never
+    /// got a stream id: their claim committed but the dispatcher never learned it (the
+    /// connection died with the answer) or never reached Redis. Without this they would wait
+    /// for the whole queue lease. A message that did go out is fenced off by the new attempt.
+    pub async fn requeue_unsent(&self, older_than: Duration) -> Result<Vec<TaskRef>> {
+        let rows = sqlx::query(
+            "UPDATE tasks SET status = 'pending', lease_deadline = NULL,
+                    error = format('attempt %s: its dispatch was never confirmed', attempt),
+                    updated_at = clock_timestamp()
+             WHERE status = 'queued' AND stream_id IS NULL
+               AND queued_at < now() - make_interval(secs => $1)
+             RETURNING job_id, idx",
+        )
+        .bind(secs(older_than))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TaskRef {
+                    job: JobId(r.try_get("job_id")?),
+                    index: r.try_get::<i32, _>("idx")? as u32,
+                })
+            })
+            .collect()
+    }
+
     /// Sends `queued` tasks whose dispatch message sits with a dead worker (it read the
     /// message but never started) back to `pending`. Returns the tasks changed.
     pub async fn requeue_undelivered(&self, stream_ids: &[String]) -> Result<Vec<TaskRef>> {

@@ -436,3 +436,37 @@ async fn a_small_tenant_is_not_starved_behind_a_bulk_job() {
     assert!(next.iter().all(|c| c.task.job == u.id), "{next:?}");
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn claims_whose_dispatch_was_never_confirmed_are_requeued() {
+    let db = TestDb::new("farm_store").await;
+    let store = &db.store;
+    let (job, _) = store
+        .submit(&validate(&request(2, 0)).expect("valid"), DEFAULT_TENANT)
+        .await
+        .expect("submit");
+    let claimed = store.claim_for_dispatch(2, LEASE).await.expect("claim");
+    // Only the first one's message is known to have gone out.
+    store
+        .set_stream_ids(&claimed[..1], &["1-0".to_string()])
+        .await
+        .expect("stream id");
+    assert!(store
+        .requeue_unsent(Duration::from_secs(60))
+        .await
+        .expect("requeue")
+        .is_empty());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let requeued = store.requeue_unsent(Duration::ZERO).await.expect("requeue");
+    assert_eq!(requeued, vec![claimed[1].task]);
+    let tasks = store.tasks(job.id).await.expect("tasks");
+    assert_eq!(
+        tasks[claimed[0].task.index as usize].status,
+        TaskStatus::Queued
+    );
+    assert_eq!(
+        tasks[claimed[1].task.index as usize].status,
+        TaskStatus::Pending
+    );
+    db.drop_db().await;
+}
