@@ -522,10 +522,7 @@ impl Store {
         rows.iter()
             .map(|r| {
                 Ok(Claimed {
-                    task: TaskRef {
-                        job: JobId(r.try_get("job_id")?),
-                        index: r.try_get::<i32, _>("idx")? as u32,
-                    },
+                    task: task_ref(r)?,
                     attempt: Attempt(r.try_get::<i32, _>("attempt")? as u32),
                 })
             })
@@ -787,14 +784,7 @@ impl Store {
         .bind(secs(older_than))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(TaskRef {
-                    job: JobId(r.try_get("job_id")?),
-                    index: r.try_get::<i32, _>("idx")? as u32,
-                })
-            })
-            .collect()
+        rows.iter().map(task_ref).collect()
     }
 
     /// Sends `queued` tasks whose dispatch message sits with a dead worker (it read the
@@ -813,14 +803,7 @@ impl Store {
         .bind(stream_ids)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(TaskRef {
-                    job: JobId(r.try_get("job_id")?),
-                    index: r.try_get::<i32, _>("idx")? as u32,
-                })
-            })
-            .collect()
+        rows.iter().map(task_ref).collect()
     }
 
     pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
@@ -1011,10 +994,7 @@ async fn apply_started(
     .await?;
     applied.ignored += events.len() - rows.len();
     for r in rows {
-        let task = TaskRef {
-            job: JobId(r.try_get("job_id")?),
-            index: r.try_get::<i32, _>("idx")? as u32,
-        };
+        let task = task_ref(&r)?;
         deltas.entry(task.job.0).or_default();
         applied.changed.push(task);
     }
@@ -1100,10 +1080,7 @@ async fn apply_succeeded(
     applied.ignored += n - rows.len();
     let mut done: BTreeMap<String, i64> = BTreeMap::new();
     for r in rows {
-        let task = TaskRef {
-            job: JobId(r.try_get("job_id")?),
-            index: r.try_get::<i32, _>("idx")? as u32,
-        };
+        let task = task_ref(&r)?;
         deltas.entry(task.job.0).or_default().0 += 1;
         applied.changed.push(task);
         *done.entry(r.try_get("worker")?).or_default() += 1;
@@ -1207,6 +1184,14 @@ fn job_from_row(r: &sqlx::postgres::PgRow) -> Result<JobRow> {
 const TASK_COLUMNS: &str = "SELECT idx, seed, prompt, status, attempt, worker, object_key, sha256,
         size_bytes, error, started_at, finished_at, updated_at FROM tasks";
 
+/// The task a row's `job_id` and `idx` name.
+fn task_ref(r: &sqlx::postgres::PgRow) -> Result<TaskRef> {
+    Ok(TaskRef {
+        job: JobId(r.try_get("job_id")?),
+        index: r.try_get::<i32, _>("idx")? as u32,
+    })
+}
+
 fn task_from_row(r: &sqlx::postgres::PgRow) -> Result<TaskRow> {
     let status: String = r.try_get("status")?;
     Ok(TaskRow {
@@ -1303,10 +1288,7 @@ impl Store {
         let oldest_waiting = match oldest {
             Some(r) => {
                 counts.oldest_pending = Some(r.try_get("created_at")?);
-                Some(TaskRef {
-                    job: JobId(r.try_get("job_id")?),
-                    index: r.try_get::<i32, _>("idx")? as u32,
-                })
+                Some(task_ref(&r)?)
             }
             None => None,
         };
