@@ -104,7 +104,7 @@ fn manifests_use_only_real_flags_and_variables() {
 }
 
 #[test]
-fn workers_request_a_gpu_and_keda_scales_them_on_the_dispatch_stream() {
+fn workers_request_a_gpu_and_keda_scales_them_on_the_dispatch_lag() {
     let files = deploy_files();
     let text = |name: &str| {
         files
@@ -116,6 +116,15 @@ fn workers_request_a_gpu_and_keda_scales_them_on_the_dispatch_stream() {
     assert!(text("worker.yaml").contains("nvidia.com/gpu: 1"));
     let keda = text("keda.yaml");
     assert!(keda.contains("kind: ScaledObject") && keda.contains("minReplicaCount: 0"));
-    assert!(keda.contains("stream: \"{farm}:tasks\"") && keda.contains("consumerGroup: workers"));
+    // The lag: tasks not yet started, counted where they wait (a real column and states).
+    assert!(keda.contains("type: postgresql") && keda.contains("key: FARM_DATABASE_URL"));
+    let migrations = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations/0001_init.sql"),
+    )
+    .expect("migrations");
+    assert!(keda.contains("FROM tasks WHERE status IN ('pending', 'queued')"));
+    assert!(
+        migrations.contains("CREATE TABLE tasks") && migrations.contains("'pending', 'queued'")
+    );
     assert!(text("coordinator.yaml").contains("path: /readyz"));
 }

@@ -245,14 +245,68 @@ impl Farm {
     }
 
     fn start_worker(&mut self) {
+        self.start_worker_with(&[]);
+    }
+
+    /// Starts worker `{name}-w{n}` (n counts from 0) with extra flags; returns its id.
+    fn start_worker_with(&mut self, extra: &[&str]) -> String {
+        let id = format!("{}-w{}", self.name, self.workers.len());
         let child = self
             .command()
-            .args(["worker", "--concurrency", "1", "--id"])
-            .arg(format!("{}-w{}", self.name, self.workers.len()))
+            .args(["worker", "--concurrency", "1", "--id", &id])
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("start worker");
         self.workers.push(Proc(child));
+        id
+    }
+
+    /// Writes another tiny model (other weights) named `name` into the models root.
+    fn add_tiny_model(&self, name: &str, seed: u64) -> u64 {
+        let dir = self.models.path().join(name);
+        let out = self.farm(&[
+            "model",
+            "init-tiny",
+            &dir.display().to_string(),
+            "--seed",
+            &seed.to_string(),
+        ]);
+        assert!(out.status.success(), "init-tiny {name}");
+        weight_bytes(&dir)
+    }
+
+    async fn workers(&self) -> Vec<pb::Worker> {
+        let mut cluster = self.cluster_with(Some(&self.token)).await;
+        cluster
+            .list_workers(pb::ListWorkersRequest {})
+            .await
+            .expect("workers")
+            .into_inner()
+            .workers
+    }
+
+    /// Waits until worker `id`'s heartbeat says `ok`.
+    async fn wait_worker(
+        &self,
+        id: &str,
+        what: &str,
+        ok: impl Fn(&pb::Worker) -> bool,
+    ) -> pb::Worker {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(w) = self.workers().await.into_iter().find(|w| w.id == id) {
+                if ok(&w) {
+                    return w;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "worker {id}: never {what}: {w:?}"
+                );
+            }
+            assert!(Instant::now() < deadline, "worker {id} never came online");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn client(&self) -> Jobs {
@@ -386,6 +440,18 @@ async fn wait_done(farm: &Farm, id: &str, limit: Duration) -> pb::Job {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// What a worker's model cache counts a model folder as: its three weight files.
+fn weight_bytes(dir: &Path) -> u64 {
+    [
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+    .iter()
+    .map(|f| std::fs::metadata(dir.join(f)).expect("weights").len())
+    .sum()
 }
 
 async fn object(store: &dyn ObjectStore, key: &str) -> Vec<u8> {
@@ -1637,4 +1703,209 @@ async fn task_spans_are_exported_over_otlp() {
     };
     assert!(contains(b"task"), "no task span");
     assert!(contains(id.as_bytes()), "no span carries the job id");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_model_stays_on_the_worker_that_holds_it() {
+    let mut farm = Farm::new(0);
+    let size = farm.add_tiny_model("tiny-b", 1);
+    assert_eq!(size, weight_bytes(&farm.models.path().join("tiny")));
+    // Each worker's cache holds one model, not two.
+    let cache = (size + size / 2).to_string();
+    let flags = ["--model-cache-bytes", cache.as_str()];
+    let mut client = farm.client().await;
+    let job = |model: &str, seeds: &[u64]| pb::JobSpec {
+        model: model.into(),
+        ..spec(&PROMPTS[..1], seeds, 2)
+    };
+
+    // Warm-up: worker 0 loads tiny; then worker 1 arrives and takes tiny-b, which no worker
+    // holds and only worker 1 has cache room for.
+    let w0 = farm.start_worker_with(&flags);
+    let id = submit(&mut client, job("tiny", &[1, 2]), "")
+        .await
+        .job
+        .expect("job")
+        .id;
+    wait_done(&farm, &id, Duration::from_secs(120)).await;
+    farm.wait_worker(&w0, "reports tiny loaded", |w| w.models == ["tiny"])
+        .await;
+    let w1 = farm.start_worker_with(&flags);
+    farm.wait_worker(&w1, "online", |w| w.online).await;
+    let id = submit(&mut client, job("tiny-b", &[1, 2]), "")
+        .await
+        .job
+        .expect("job")
+        .id;
+    let done = wait_done(&farm, &id, Duration::from_secs(120)).await;
+    assert!(
+        done.tasks.iter().all(|t| t.worker == w1),
+        "{:?}",
+        done.tasks
+    );
+
+    // Steady state: jobs of both models, interleaved. Each goes to its model's worker and no
+    // worker loads a model again.
+    let mut ids = Vec::new();
+    for round in 0..3u64 {
+        for model in ["tiny", "tiny-b"] {
+            let seeds = [10 + round, 20 + round];
+            ids.push((
+                model,
+                submit(&mut client, job(model, &seeds), "")
+                    .await
+                    .job
+                    .expect("job")
+                    .id,
+            ));
+        }
+    }
+    for (model, id) in &ids {
+        let done = wait_done(&farm, id, Duration::from_secs(180)).await;
+        assert_eq!(done.status, pb::JobStatus::Succeeded as i32, "{done:?}");
+        let expected = if *model == "tiny" { &w0 } else { &w1 };
+        for task in &done.tasks {
+            assert_eq!(
+                &task.worker, expected,
+                "{model} task {} ran elsewhere",
+                task.index
+            );
+        }
+    }
+    for (id, done) in [(&w0, 2 + 6), (&w1, 2 + 6)] {
+        let w = farm
+            .wait_worker(id, "reports its tasks", |w| w.tasks_done == done)
+            .await;
+        assert_eq!((w.model_loads, w.model_evictions), (1, 0), "{w:?}");
+        assert_eq!(w.cache_capacity_bytes, size + size / 2);
+        assert_eq!(w.cache_used_bytes, size);
+    }
+    // The same figure on /metrics.
+    let metrics = http_get(farm.http_port, "/metrics");
+    for id in [&w0, &w1] {
+        let line = format!("farm_worker_model_loads{{worker=\"{id}\"}} 1");
+        assert!(metrics.contains(&line), "no `{line}` in /metrics");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capability_filters_route_tasks_and_refuse_what_no_worker_takes() {
+    let mut farm = Farm::new(0);
+    let small = farm.start_worker_with(&["--max-pixels", "4096", "--modes", "txt2img"]);
+    let w = farm
+        .wait_worker(&small, "online", |w| w.online && w.max_pixels == 4096)
+        .await;
+    assert_eq!(w.modes, ["txt2img"]);
+    let mut client = farm.client().await;
+    let wide = pb::JobSpec {
+        width: 128,
+        ..spec(&PROMPTS[..1], &[1, 2], 2)
+    };
+    // Only a 64x64 worker is online: a 128x64 job is refused, with what to change.
+    let refused = client
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(wide.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no worker takes 128x64");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("max of 4096") && refused.message().contains("--max-pixels"),
+        "{}",
+        refused.message()
+    );
+    // With a worker without limits online, the wide job runs there and only there.
+    let big = farm.start_worker_with(&[]);
+    farm.wait_worker(&big, "online", |w| w.online).await;
+    let id = submit(&mut client, wide, "").await.job.expect("job").id;
+    let done = wait_done(&farm, &id, Duration::from_secs(120)).await;
+    assert_eq!(done.status, pb::JobStatus::Succeeded as i32, "{done:?}");
+    assert!(
+        done.tasks.iter().all(|t| t.worker == big),
+        "{:?}",
+        done.tasks
+    );
+}
+
+/// A plain HTTP GET on 127.0.0.1; the response body.
+fn http_get(port: u16, path: &str) -> String {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).expect("response");
+    reply
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_tasks_render_the_same_images_as_one_at_a_time() {
+    let mut farm = Farm::new(0);
+    let batcher = farm.start_worker_with(&["--max-batch", "4"]);
+    farm.wait_worker(&batcher, "online", |w| w.online && w.max_batch == 4)
+        .await;
+    let mut client = farm.client().await;
+    let seeds = [5, 6, 7];
+    let job = spec(&PROMPTS[..2], &seeds, 3);
+    let id = submit(&mut client, job.clone(), "")
+        .await
+        .job
+        .expect("job")
+        .id;
+    let batched = wait_done(&farm, &id, Duration::from_secs(180)).await;
+    assert_eq!(
+        batched.status,
+        pb::JobStatus::Succeeded as i32,
+        "{batched:?}"
+    );
+    let w = farm
+        .wait_worker(&batcher, "reports its tasks", |w| w.tasks_done == 6)
+        .await;
+    assert!(
+        w.batches <= 3,
+        "6 tasks with --max-batch 4 took {} render calls",
+        w.batches
+    );
+
+    // The same job on a worker that renders one task at a time.
+    farm.workers.clear();
+    let single = farm.start_worker_with(&[]);
+    farm.wait_worker(&single, "online", |w| w.online).await;
+    let id = submit(&mut client, job, "").await.job.expect("job").id;
+    let alone = wait_done(&farm, &id, Duration::from_secs(180)).await;
+    let w = farm
+        .wait_worker(&single, "reports its tasks", |w| w.tasks_done == 6)
+        .await;
+    assert_eq!(w.batches, 6);
+    let s3 = farm.s3.store();
+    for (b, a) in batched.tasks.iter().zip(&alone.tasks) {
+        assert_eq!((b.index, b.seed), (a.index, a.seed));
+        let (pb_, pa) = (
+            object(&*s3, &b.object_key).await,
+            object(&*s3, &a.object_key).await,
+        );
+        let (ib, ia) = (
+            image::load_from_memory(&pb_).expect("png").to_rgb8(),
+            image::load_from_memory(&pa).expect("png").to_rgb8(),
+        );
+        let worst = ib
+            .as_raw()
+            .iter()
+            .zip(ia.as_raw())
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap_or(0);
+        assert!(
+            worst <= 1,
+            "task {}: batched image differs by {worst} levels",
+            b.index
+        );
+    }
 }

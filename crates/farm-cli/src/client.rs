@@ -138,8 +138,9 @@ pub struct SubmitArgs {
     /// A model folder name under the workers' FARM_MODELS.
     #[arg(long, env = "FARM_MODEL", default_value = "tiny")]
     pub model: String,
-    /// Higher runs first, in [-100, 100].
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    /// Higher runs first: low, normal, high, urgent (-10, 0, 10, 50) or an integer in
+    /// [-100, 100]. Waiting tasks gain a level per the coordinator's --ageing-secs.
+    #[arg(long, default_value = "normal", allow_negative_numbers = true, value_parser = farm_core::parse_priority)]
     pub priority: i32,
     #[arg(long, default_value_t = 0, hide_default_value = true)]
     pub max_attempts: u32,
@@ -751,6 +752,12 @@ pub async fn workers(settings: &Settings, json: bool) -> anyhow::Result<()> {
                     "concurrency": w.concurrency, "running": w.running, "models": w.models,
                     "online": w.online, "last_seen_ms": w.last_seen_ms,
                     "tasks_done": w.tasks_done, "tasks_failed": w.tasks_failed,
+                    "max_batch": w.max_batch, "batches": w.batches,
+                    "model_loads": w.model_loads, "model_evictions": w.model_evictions,
+                    "cache_capacity_bytes": w.cache_capacity_bytes,
+                    "cache_used_bytes": w.cache_used_bytes, "max_pixels": w.max_pixels,
+                    "device_memory_bytes": w.device_memory_bytes, "modes": w.modes,
+                    "draining": w.draining,
                 })
             })
             .collect();
@@ -762,10 +769,17 @@ pub async fn workers(settings: &Settings, json: bool) -> anyhow::Result<()> {
         .map(|w| {
             vec![
                 w.id.clone(),
-                if w.online { "online" } else { "offline" }.to_string(),
+                match (w.online, w.draining) {
+                    (true, false) => "online",
+                    (true, true) => "draining",
+                    (false, _) => "offline",
+                }
+                .to_string(),
                 w.device.clone(),
                 format!("{}/{}", w.running, w.concurrency),
                 w.models.join(","),
+                w.model_loads.to_string(),
+                w.max_batch.to_string(),
                 w.tasks_done.to_string(),
                 w.tasks_failed.to_string(),
             ]
@@ -773,7 +787,7 @@ pub async fn workers(settings: &Settings, json: bool) -> anyhow::Result<()> {
         .collect();
     print_table(
         &[
-            "WORKER", "STATE", "DEVICE", "BUSY", "MODELS", "DONE", "FAILED",
+            "WORKER", "STATE", "DEVICE", "BUSY", "MODELS", "LOADS", "BATCH", "DONE", "FAILED",
         ],
         &rows,
     );

@@ -124,6 +124,14 @@ enum Command {
         /// Signs webhook calls: `x-farm-signature: sha256=HMAC-SHA256(secret, "<ts>.<body>")`.
         #[arg(long, env = "FARM_WEBHOOK_SECRET", hide_env_values = true)]
         webhook_secret: Option<String>,
+        /// Ageing: a pending task's priority rises by one for every this many seconds it
+        /// waits (up to the highest priority pending), so low priorities are not starved.
+        #[arg(long, default_value_t = 60)]
+        ageing_secs: u64,
+        /// Seconds a task waits for a worker that holds its model before another worker may
+        /// evict a model to take it.
+        #[arg(long, default_value_t = 30)]
+        spread_after_secs: u64,
     },
     /// Run a worker: render tasks from the queue and upload the images.
     Worker(WorkerArgs),
@@ -186,6 +194,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Tenants' fair-share weights (needs FARM_DATABASE_URL).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
     /// Render locally in this process (no services): txt2img, img2img, inpaint, reconstruct.
     Generate(local::GenerateArgs),
     /// Write a prompt's token ids and text embeddings to a safetensors file.
@@ -212,6 +225,59 @@ pub struct WorkerArgs {
     /// sd (Stable Diffusion) or null (benchmark-only: no model, a tiny fixed PNG per task).
     #[arg(long, default_value = "sd")]
     pub pipeline: farm_worker::Pipeline,
+    /// Render up to this many compatible tasks (same model, size, steps, scheduler,
+    /// guidance, mode, strength) as one batch.
+    #[arg(long, default_value_t = 1)]
+    pub max_batch: usize,
+    /// Keep at most this much model weight loaded, e.g. 8GiB (least recently used models
+    /// are evicted); default: no limit.
+    #[arg(long, value_parser = parse_bytes)]
+    pub model_cache_bytes: Option<u64>,
+    /// Take no image larger than this many pixels (width x height), e.g. 262144 for 512x512.
+    #[arg(long)]
+    pub max_pixels: Option<u64>,
+    /// Accelerator memory, e.g. 24GiB: models larger than this are not routed here.
+    #[arg(long, value_parser = parse_bytes)]
+    pub device_memory: Option<u64>,
+    /// Modes this worker runs, comma-separated (txt2img,img2img,inpaint,reconstruct,finetune);
+    /// default: all.
+    #[arg(long, value_delimiter = ',', value_parser = parse_mode)]
+    pub modes: Vec<farm_core::Mode>,
+}
+
+impl Default for WorkerArgs {
+    fn default() -> Self {
+        WorkerArgs {
+            concurrency: 1,
+            device: "cpu".into(),
+            id: None,
+            pipeline: farm_worker::Pipeline::Sd,
+            max_batch: 1,
+            model_cache_bytes: None,
+            max_pixels: None,
+            device_memory: None,
+            modes: Vec::new(),
+        }
+    }
+}
+
+/// `8GiB`, `512MB`, `1048576`: a byte count.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{s:?} is not a size (e.g. 8GiB, 512MB or a number of bytes): {e}"))
+}
+
+fn parse_mode(s: &str) -> Result<farm_core::Mode, String> {
+    farm_core::Mode::ALL
+        .iter()
+        .copied()
+        .find(|m| m.as_str() == s.trim())
+        .ok_or_else(|| {
+            let names: Vec<&str> = farm_core::Mode::ALL.iter().map(|m| m.as_str()).collect();
+            format!("unknown mode {s:?}; use one of {}", names.join(", "))
+        })
 }
 
 #[derive(Subcommand)]
@@ -223,6 +289,18 @@ enum TokenCommand {
         /// May see every tenant's jobs and the cluster.
         #[arg(long)]
         admin: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Set a tenant's fair-share weight: weight 2 gets two tasks dispatched for every one of
+    /// a weight-1 tenant (everyone's default).
+    Weight {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        weight: f64,
     },
 }
 
@@ -313,6 +391,13 @@ impl Settings {
         config.concurrency = args.concurrency;
         config.device = args.device.clone();
         config.pipeline = args.pipeline;
+        config.max_batch = args.max_batch;
+        config.model_cache_bytes = args.model_cache_bytes;
+        config.capabilities = farm_core::Capabilities {
+            max_pixels: args.max_pixels,
+            device_memory: args.device_memory,
+            modes: args.modes.clone(),
+        };
         if let Some(id) = &args.id {
             config.id = WorkerId(id.clone());
         }
@@ -374,12 +459,7 @@ pub async fn run_dev(
     let mut set = tokio::task::JoinSet::new();
     set.spawn(bound.run(shutdown.clone()));
     for _ in 0..workers {
-        let config = settings.worker_config(&WorkerArgs {
-            concurrency: 1,
-            device: "cpu".into(),
-            id: None,
-            pipeline: farm_worker::Pipeline::Sd,
-        });
+        let config = settings.worker_config(&WorkerArgs::default());
         set.spawn(farm_worker::run(config, shutdown.clone()));
     }
     Ok((grpc, token, set))
@@ -396,6 +476,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             webhook_secret,
+            ageing_secs,
+            spread_after_secs,
         } => {
             let mut config = settings.coordinator_config(&addrs);
             config.id = id;
@@ -403,6 +485,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.run_lease = Duration::from_secs(run_lease_secs.max(1));
             config.tls = tls_cert.zip(tls_key);
             config.webhook_secret = webhook_secret.filter(|s| !s.is_empty());
+            config.ageing = Duration::from_secs(ageing_secs.max(1));
+            config.spread_after = Duration::from_secs(spread_after_secs);
             farm_coordinator::run(config, shutdown_on_signal()).await
         }
         Command::Worker(args) => {
@@ -454,6 +538,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let store = farm_coordinator::connect_store(&settings.database_url).await?;
             println!("{}", store.create_token(tenant, admin).await?);
+            Ok(())
+        }
+        Command::Tenant {
+            command: TenantCommand::Weight { tenant, weight },
+        } => {
+            anyhow::ensure!(
+                weight.is_finite() && weight > 0.0 && weight <= 1000.0,
+                "--weight must be a number above 0 and at most 1000, got {weight}"
+            );
+            let store = farm_coordinator::connect_store(&settings.database_url).await?;
+            store.set_tenant_weight(tenant.trim(), weight).await?;
+            println!(
+                "tenant {:?} now has fair-share weight {weight}",
+                tenant.trim()
+            );
             Ok(())
         }
         Command::Generate(args) => local::generate(args, settings.models.clone()).await,

@@ -186,5 +186,21 @@ pub(crate) fn worker_to_pb(w: &WorkerRow) -> pb::Worker {
         online: w.online,
         tasks_done: w.info.tasks_done,
         tasks_failed: w.info.tasks_failed,
+        max_batch: w.info.max_batch,
+        model_loads: w.info.cache.loads,
+        model_evictions: w.info.cache.evictions,
+        cache_capacity_bytes: w.info.cache.capacity.unwrap_or(0),
+        cache_used_bytes: w.info.cache.used,
+        max_pixels: w.info.capabilities.max_pixels.unwrap_or(0),
+        device_memory_bytes: w.info.capabilities.device_memory.unwrap_or(0),
+        modes: w
+            .info
+            .capabilities
+            .modes
+            .iter()
+            .map(|m| m.as_str().to_string())
+            .collect(),
+        draining: w.info.draining,
+        batches: w.info.batches,
     }
 }

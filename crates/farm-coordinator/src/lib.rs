@@ -11,6 +11,7 @@ mod dashboard;
 mod http;
 mod loops;
 mod metrics;
+pub mod placement;
 mod service;
 pub mod store;
 pub mod webhooks;
@@ -53,6 +54,11 @@ pub struct CoordinatorConfig {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Signs webhook calls (`x-farm-signature`); unsigned without one.
     pub webhook_secret: Option<String>,
+    /// A pending task's effective priority rises by one for each of these it waits (ageing).
+    pub ageing: Duration,
+    /// How long a task waits for a worker that holds its model before another worker may
+    /// evict a model to take it.
+    pub spread_after: Duration,
 }
 
 impl CoordinatorConfig {
@@ -71,6 +77,8 @@ impl CoordinatorConfig {
             tenant_quota: Some(1_000_000),
             tls: None,
             webhook_secret: None,
+            ageing: store::DEFAULT_AGEING,
+            spread_after: Duration::from_secs(30),
         }
     }
 }

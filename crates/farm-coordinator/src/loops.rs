@@ -4,11 +4,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use farm_core::{JobId, JobSpec, TaskSpec};
+use farm_core::{JobId, JobSpec, TaskRef, TaskSpec, WorkerId};
 use farm_queue::Event;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::placement::{self, WorkerView};
 use crate::store::Claimed;
 use crate::{Shared, Update};
 
@@ -16,14 +17,12 @@ const DISPATCH_TICK: Duration = Duration::from_millis(100);
 const REAP_TICK: Duration = Duration::from_secs(1);
 const EVENT_BATCH: usize = 512;
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
-/// How long a delivered, unacknowledged dispatch message may sit with a consumer that is no
-/// live worker before its task is requeued.
-const HELD_BY_DEAD_AFTER: Duration = Duration::from_secs(3);
 /// A claimed task whose stream id was not recorded this long after is requeued.
 const UNSENT_AFTER: Duration = Duration::from_secs(15);
 
-/// Late binding: keeps queued + running tasks at about twice the online worker slots, so
-/// priorities and cancellation still act on everything not yet handed out.
+/// Late binding: tasks wait in Postgres, where priorities, fair share and cancellation act
+/// on them, until a worker has room; then [`placement::place`] picks the worker (model
+/// affinity, capabilities, bounded prefetch) and the task goes to that worker's stream.
 pub(crate) async fn dispatcher(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -49,46 +48,116 @@ pub(crate) async fn dispatcher(
     }
 }
 
+/// The online workers that take new work, with what is placed on them.
+async fn worker_views(shared: &Shared) -> anyhow::Result<Vec<WorkerView>> {
+    let mut placed: HashMap<WorkerId, HashMap<String, u32>> = HashMap::new();
+    for p in shared.store.placements().await? {
+        placed
+            .entry(p.worker)
+            .or_default()
+            .insert(p.model_key, p.tasks);
+    }
+    Ok(shared
+        .store
+        .workers()
+        .await?
+        .into_iter()
+        .filter(|w| w.online && !w.info.draining)
+        .map(|w| {
+            let info = w.info;
+            WorkerView {
+                placed: placed.remove(&info.worker).unwrap_or_default(),
+                id: info.worker,
+                concurrency: info.concurrency,
+                max_batch: info.max_batch,
+                capabilities: info.capabilities,
+                cache_capacity: info.cache.capacity,
+                loaded: info.cache.models,
+            }
+        })
+        .collect())
+}
+
 async fn dispatch_once(
     shared: &Shared,
     specs: &mut HashMap<JobId, Arc<JobSpec>>,
 ) -> anyhow::Result<usize> {
-    let (slots, queued, running) = shared.store.capacity().await?;
-    let room = (2 * slots).saturating_sub(queued + running).min(1000) as u32;
+    let workers = worker_views(shared).await?;
+    let room: u32 = workers
+        .iter()
+        .map(|w| {
+            let placed: u32 = w.placed.values().sum();
+            (2 * w.concurrency.max(1) * w.max_batch.max(1)).saturating_sub(placed)
+        })
+        .sum();
     if room == 0 {
         return Ok(0);
     }
-    let claimed = shared
-        .store
-        .claim_for_dispatch(room, shared.config.queue_lease)
-        .await?;
-    if claimed.is_empty() {
+    // Look past the head of the queue: tasks waiting for a busy worker's model must not
+    // keep an idle worker idle.
+    let limit = (room.saturating_mul(4) + 16).min(4000);
+    let candidates = shared.store.candidates(limit, shared.config.ageing).await?;
+    if candidates.is_empty() {
         return Ok(0);
     }
-    let missing: Vec<JobId> = claimed
+    let missing: Vec<JobId> = candidates
         .iter()
         .map(|c| c.task.job)
         .filter(|j| !specs.contains_key(j))
+        .collect::<std::collections::HashSet<_>>()
+        .into_iter()
         .collect();
     if !missing.is_empty() {
         for (id, spec) in shared.store.job_specs(&missing).await? {
             specs.insert(id, Arc::new(spec));
         }
     }
-    let prefix = &shared.config.redis_prefix;
-    let messages: Vec<TaskSpec> = claimed
+    let tasks: Vec<placement::Task> = candidates
         .iter()
         .filter_map(|c| {
             let spec = specs.get(&c.task.job)?;
-            spec.task_spec(c.task.job, c.task.index, c.attempt, prefix)
+            Some(placement::Task {
+                task: c.task,
+                mode: spec.mode,
+                width: spec.width,
+                height: spec.height,
+                batch: spec.batch_key(),
+                waited: c.waited,
+            })
+        })
+        .collect();
+    let placed = placement::place(&workers, &tasks, shared.config.spread_after);
+    if placed.is_empty() {
+        return Ok(0);
+    }
+    let (refs, on): (Vec<TaskRef>, Vec<Option<WorkerId>>) =
+        placed.into_iter().map(|(t, w)| (t, Some(w))).unzip();
+    let claimed = shared
+        .store
+        .claim(&refs, &on, shared.config.queue_lease)
+        .await?;
+    if claimed.is_empty() {
+        return Ok(0);
+    }
+    let prefix = &shared.config.redis_prefix;
+    let messages: Vec<(WorkerId, TaskSpec)> = claimed
+        .iter()
+        .filter_map(|c| {
+            let spec = specs.get(&c.task.job)?;
+            let worker = c.worker.clone()?;
+            Some((
+                worker,
+                spec.task_spec(c.task.job, c.task.index, c.attempt, prefix)?,
+            ))
         })
         .collect();
     if messages.len() != claimed.len() {
         // Cannot happen while jobs are never deleted; put them back rather than lose them.
         shared.store.unclaim(&claimed).await?;
-        anyhow::bail!("a claimed task has no job spec");
+        anyhow::bail!("a claimed task has no job spec or worker");
     }
-    match shared.queue.dispatch(&messages).await {
+    let batch: Vec<(&WorkerId, &TaskSpec)> = messages.iter().map(|(w, t)| (w, t)).collect();
+    match shared.queue.dispatch(&batch).await {
         Ok(ids) => {
             shared.store.set_stream_ids(&claimed, &ids).await?;
             shared.metrics.dispatched(&claimed);
@@ -161,7 +230,7 @@ pub(crate) async fn ingester(
                 Err(bad) => {
                     tracing::warn!(id = %bad.id, reason = %bad.reason, "undecodable event dead-lettered");
                     shared.metrics.dead_letter_event();
-                    if let Err(e) = shared.queue.dead_letter(false, &bad).await {
+                    if let Err(e) = shared.queue.dead_letter(None, &bad).await {
                         tracing::warn!(error = %e, "dead-lettering failed");
                     }
                 }
@@ -279,8 +348,10 @@ pub(crate) async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) -> 
                     "leases expired; tasks requeued or dead-lettered"
                 );
                 shared.metrics.reaped(&reaped);
-                let stale: Vec<String> =
-                    reaped.iter().filter_map(|r| r.stream_id.clone()).collect();
+                let stale: Vec<(WorkerId, String)> = reaped
+                    .iter()
+                    .filter_map(|r| Some((r.worker.clone()?, r.stream_id.clone()?)))
+                    .collect();
                 if let Err(e) = shared.queue.retract_tasks(&stale).await {
                     tracing::warn!(error = %e, "could not retract stale dispatch messages");
                 }
@@ -294,39 +365,30 @@ pub(crate) async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) -> 
     }
 }
 
-/// A worker killed between reading a task and starting it leaves the task `queued` with its
-/// message in the dead consumer's pending list, where no lease of a running task covers it.
-/// Such messages are found with XPENDING and their tasks requeued at once.
+/// Tasks placed on a worker that died, and not started, go back to the queue without waiting
+/// for their lease; a dead worker's stream is deleted once nothing of it is left.
 async fn requeue_from_dead_workers(shared: &Shared) -> anyhow::Result<()> {
-    let pending = shared.queue.delivered_unacked(HELD_BY_DEAD_AFTER).await?;
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let online: std::collections::HashSet<String> = shared
+    let departed = shared
         .store
-        .workers()
-        .await?
-        .into_iter()
-        .filter(|w| w.online)
-        .map(|w| w.info.worker.0)
-        .collect();
-    let orphaned: Vec<String> = pending
-        .into_iter()
-        .filter(|(_, consumer)| !online.contains(consumer))
-        .map(|(id, _)| id)
-        .collect();
-    if orphaned.is_empty() {
-        return Ok(());
-    }
-    let requeued = shared.store.requeue_undelivered(&orphaned).await?;
-    // Whatever they were, the messages belong to no live worker: drop them.
-    shared.queue.retract_tasks(&orphaned).await?;
-    if !requeued.is_empty() {
-        tracing::warn!(n = requeued.len(), "tasks held by dead workers requeued");
-        for task in requeued {
-            let _ = shared.updates.send(Update::Changed(task));
+        .requeue_from_departed(Duration::from_secs(crate::store::WORKER_ONLINE_SECS as u64))
+        .await?;
+    if !departed.is_empty() {
+        tracing::warn!(
+            n = departed.len(),
+            "tasks placed on departed workers requeued"
+        );
+        let stale: Vec<(WorkerId, String)> = departed
+            .iter()
+            .filter_map(|d| Some((d.worker.clone(), d.stream_id.clone()?)))
+            .collect();
+        shared.queue.retract_tasks(&stale).await?;
+        for d in departed {
+            let _ = shared.updates.send(Update::Changed(d.task));
         }
         shared.dispatch_now.notify_one();
+    }
+    for worker in shared.store.departed_workers().await? {
+        shared.queue.drop_worker_stream(&worker).await?;
     }
     Ok(())
 }

@@ -27,6 +27,7 @@ pub(crate) struct Metrics {
     stream_length: IntGaugeVec,
     workers_online: IntGauge,
     worker_slots: IntGauge,
+    model_loads: IntGaugeVec,
     oldest_pending: Gauge,
     task_seconds: Histogram,
     render_seconds: Histogram,
@@ -72,6 +73,11 @@ impl Metrics {
             worker_slots: IntGauge::new(
                 "farm_worker_slots",
                 "Concurrent task slots of the online workers.",
+            )?,
+            model_loads: gauge_vec(
+                "farm_worker_model_loads",
+                "Models each online worker loaded since it started (reloads after an eviction count again).",
+                "worker",
             )?,
             oldest_pending: Gauge::new(
                 "farm_oldest_pending_seconds",
@@ -154,6 +160,7 @@ impl Metrics {
         r.register(Box::new(m.stream_length.clone()))?;
         r.register(Box::new(m.workers_online.clone()))?;
         r.register(Box::new(m.worker_slots.clone()))?;
+        r.register(Box::new(m.model_loads.clone()))?;
         r.register(Box::new(m.oldest_pending.clone()))?;
         r.register(Box::new(m.task_seconds.clone()))?;
         r.register(Box::new(m.render_seconds.clone()))?;
@@ -282,10 +289,17 @@ impl Metrics {
         self.workers_online.set(online.len() as i64);
         self.worker_slots
             .set(online.iter().map(|w| i64::from(w.info.concurrency)).sum());
-        match shared.queue.tasks_stream_len().await {
+        let ids: Vec<farm_core::WorkerId> = online.iter().map(|w| w.info.worker.clone()).collect();
+        self.model_loads.reset();
+        for w in &online {
+            self.model_loads
+                .with_label_values(&[w.info.worker.0.as_str()])
+                .set(w.info.cache.loads as i64);
+        }
+        match shared.queue.dispatch_backlog(&ids).await {
             Ok(n) => self
                 .stream_length
-                .with_label_values(&["tasks"])
+                .with_label_values(&["dispatch"])
                 .set(n as i64),
             Err(e) => tracing::debug!(error = %e, "tasks stream length unknown"),
         }

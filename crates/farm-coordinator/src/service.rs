@@ -145,6 +145,34 @@ impl Api {
         Ok(Some(key))
     }
 
+    /// Refuses a job that no online worker admits (size, mode), naming the closest refusal;
+    /// with no worker online the job waits for one.
+    async fn check_capable(&self, spec: &farm_core::JobSpec) -> Result<(), Status> {
+        let workers = self.shared.store.workers().await.map_err(store_status)?;
+        let online: Vec<_> = workers
+            .iter()
+            .filter(|w| w.online && !w.info.draining)
+            .collect();
+        let mut refusal = None;
+        for w in &online {
+            match w
+                .info
+                .capabilities
+                .admits(spec.mode, spec.width, spec.height, None)
+            {
+                Ok(()) => return Ok(()),
+                Err(e) => refusal = Some((w.info.worker.clone(), e)),
+            }
+        }
+        match refusal {
+            None => Ok(()),
+            Some((worker, why)) => Err(Status::failed_precondition(format!(
+                "no online worker can take this job (e.g. worker {worker}: {why}); \
+                 change width/height or mode, or start a worker with larger --max-pixels or more --modes"
+            ))),
+        }
+    }
+
     /// The job if the caller may see it; another tenant's job is `NOT_FOUND`, like a missing one.
     async fn visible_job(
         &self,
@@ -233,6 +261,7 @@ impl JobService for Api {
                 spec.model
             )));
         }
+        self.check_capable(&spec).await?;
         // Inputs are stored under their content hash before the job is written, so a job row
         // never points at an image that is not there.
         spec.init_image = self.store_input(&req.init_image).await?;
@@ -543,7 +572,8 @@ impl ClusterService for Api {
         let counts = store.task_counts().await.map_err(store_status)?;
         let workers = store.workers().await.map_err(store_status)?;
         let online: Vec<_> = workers.iter().filter(|w| w.online).collect();
-        let stream_len = self.shared.queue.tasks_stream_len().await.unwrap_or(0);
+        let ids: Vec<farm_core::WorkerId> = online.iter().map(|w| w.info.worker.clone()).collect();
+        let stream_len = self.shared.queue.dispatch_backlog(&ids).await.unwrap_or(0);
         Ok(Response::new(pb::QueueStats {
             pending: counts.pending,
             queued: counts.queued,

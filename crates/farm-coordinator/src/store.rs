@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use farm_core::{Attempt, JobId, JobSpec, JobStatus, TaskRef, TaskStatus};
+use farm_core::{Attempt, JobId, JobSpec, JobStatus, TaskRef, TaskStatus, WorkerId};
 use farm_queue::{Event, WorkerInfo};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool, Postgres, Row, Transaction};
@@ -112,11 +112,40 @@ pub struct TaskCounts {
 }
 
 /// A task the dispatcher just moved to `queued`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Claimed {
     pub task: TaskRef,
     pub attempt: Attempt,
+    /// The worker it was placed on (`None` only for [`Store::claim_for_dispatch`]).
+    pub worker: Option<WorkerId>,
 }
+
+/// A pending task in dispatch order, and how long ago it was submitted.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub task: TaskRef,
+    pub waited: Duration,
+}
+
+/// How many unfinished tasks of one model key sit on one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub worker: WorkerId,
+    pub model_key: String,
+    pub tasks: u32,
+}
+
+/// A queued task taken back from a worker that left.
+#[derive(Debug, Clone)]
+pub struct Departed {
+    pub task: TaskRef,
+    pub worker: WorkerId,
+    pub stream_id: Option<String>,
+}
+
+/// How long a task waits before its effective priority rises by one (see
+/// [`Store::candidates`]), unless the coordinator is told otherwise.
+pub const DEFAULT_AGEING: Duration = Duration::from_secs(60);
 
 /// A task whose lease expired, as the reaper left it.
 #[derive(Debug, Clone)]
@@ -124,6 +153,8 @@ pub struct Reaped {
     pub task: TaskRef,
     pub status: TaskStatus,
     pub stream_id: Option<String>,
+    /// The worker it was placed on, whose stream carried `stream_id`.
+    pub worker: Option<WorkerId>,
 }
 
 /// Which task rows an event batch changed, for watchers.
@@ -477,45 +508,100 @@ impl Store {
     /// tenants, then oldest) to `queued`
     /// with the next attempt number and a lease of `lease`. Several coordinators may call this
     /// at once: `SKIP LOCKED` gives each its own tasks.
-    pub async fn claim_for_dispatch(&self, limit: u32, lease: Duration) -> Result<Vec<Claimed>> {
+    /// Pending tasks in dispatch order, not claimed: the dispatcher places them on workers,
+    /// then claims those it placed with [`Store::claim`].
+    ///
+    /// The order: effective priority first, then turns. A task's effective priority is its
+    /// priority plus one for every `ageing` it waited, capped at the highest priority pending,
+    /// so old low-priority work is not starved behind a stream of urgent work, yet tasks of
+    /// one class still share fairly. Within a class each tenant's tasks are numbered in its own
+    /// order (its n-th task is its turn n) and turns are divided by the tenant's weight
+    /// (`tenant_shares`), so a tenant of weight 2 gets two tasks for every one of a tenant of
+    /// weight 1, and a small tenant is never starved behind a bulk job.
+    pub async fn candidates(&self, limit: u32, ageing: Duration) -> Result<Vec<Candidate>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
         let rows = sqlx::query(
-            "WITH tenants AS (
-                SELECT DISTINCT tenant FROM jobs WHERE status IN ('pending', 'running')
+            "WITH classes AS (
+                SELECT DISTINCT tenant, priority FROM jobs WHERE status IN ('pending', 'running')
              ),
-             candidates AS (
-                -- Each tenant's next tasks in its own order, numbered: the n-th task of every
-                -- tenant goes before anyone's (n+1)-th, so a small tenant is not starved
-                -- behind a bulk job (fair share, equal weights; priority still comes first).
-                SELECT c.* FROM tenants t
+             top AS (SELECT max(priority) AS p FROM classes),
+             cand AS (
+                -- Each (tenant, priority class)'s oldest pending tasks: one index scan each.
+                SELECT c.* FROM classes cl
                 CROSS JOIN LATERAL (
-                    SELECT k.job_id, k.idx, k.priority, k.created_at,
-                           row_number() OVER (ORDER BY k.priority DESC, k.created_at, k.job_id, k.idx) AS turn
+                    SELECT k.job_id, k.idx, k.tenant, k.priority, k.created_at
                     FROM tasks k
-                    WHERE k.tenant = t.tenant AND k.status = 'pending'
-                    ORDER BY k.priority DESC, k.created_at, k.job_id, k.idx
+                    WHERE k.tenant = cl.tenant AND k.priority = cl.priority AND k.status = 'pending'
+                    ORDER BY k.created_at, k.job_id, k.idx
                     LIMIT $1
                 ) c
              ),
-             picked AS (
-                SELECT k.job_id, k.idx FROM tasks k
-                JOIN candidates c ON c.job_id = k.job_id AND c.idx = k.idx
-                WHERE k.status = 'pending'
-                ORDER BY c.priority DESC, c.turn, c.created_at, k.job_id, k.idx
-                LIMIT $1
-                FOR UPDATE OF k SKIP LOCKED
+             aged AS (
+                SELECT cand.*, least(
+                    cand.priority + floor(extract(epoch FROM now() - cand.created_at) / $2)::int,
+                    greatest(cand.priority, (SELECT p FROM top))
+                ) AS effective
+                FROM cand
+             ),
+             turned AS (
+                SELECT aged.*, row_number() OVER (
+                    PARTITION BY tenant ORDER BY effective DESC, created_at, job_id, idx
+                ) AS turn
+                FROM aged
              )
-             UPDATE tasks t
-             SET status = 'queued', attempt = t.attempt + 1, queued_at = now(), worker = NULL,
-                 lease_deadline = now() + make_interval(secs => $2), stream_id = NULL,
-                 updated_at = clock_timestamp()
-             FROM picked
-             WHERE t.job_id = picked.job_id AND t.idx = picked.idx
-             RETURNING t.job_id, t.idx, t.attempt",
+             SELECT t.job_id, t.idx, extract(epoch FROM now() - t.created_at)::float8 AS waited
+             FROM turned t
+             LEFT JOIN tenant_shares s ON s.tenant = t.tenant
+             ORDER BY t.effective DESC, t.turn / coalesce(s.weight, 1), t.created_at, t.job_id, t.idx
+             LIMIT $1",
         )
         .bind(i64::from(limit))
+        .bind(ageing.as_secs_f64().max(0.001))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let waited: f64 = r.try_get("waited")?;
+                Ok(Candidate {
+                    task: task_ref(r)?,
+                    waited: Duration::from_secs_f64(waited.max(0.0)),
+                })
+            })
+            .collect()
+    }
+
+    /// Claims placed tasks: `pending` → `queued` with a new attempt, on worker `workers[i]`
+    /// (`None`: not placed yet). A task another coordinator claimed first is skipped, so no
+    /// task is dispatched twice. Returns what was claimed.
+    pub async fn claim(
+        &self,
+        tasks: &[TaskRef],
+        workers: &[Option<WorkerId>],
+        lease: Duration,
+    ) -> Result<Vec<Claimed>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let jobs: Vec<Uuid> = tasks.iter().map(|t| t.job.0).collect();
+        let idx: Vec<i32> = tasks.iter().map(|t| t.index as i32).collect();
+        let names: Vec<Option<&str>> = workers
+            .iter()
+            .map(|w| w.as_ref().map(|w| w.0.as_str()))
+            .collect();
+        let rows = sqlx::query(
+            "UPDATE tasks t
+             SET status = 'queued', attempt = t.attempt + 1, queued_at = now(), worker = u.w,
+                 lease_deadline = now() + make_interval(secs => $4), stream_id = NULL,
+                 updated_at = clock_timestamp()
+             FROM unnest($1::uuid[], $2::int[], $3::text[]) AS u(j, i, w)
+             WHERE t.job_id = u.j AND t.idx = u.i AND t.status = 'pending'
+             RETURNING t.job_id, t.idx, t.attempt, t.worker",
+        )
+        .bind(&jobs)
+        .bind(&idx)
+        .bind(&names)
         .bind(secs(lease))
         .fetch_all(&self.pool)
         .await?;
@@ -524,9 +610,114 @@ impl Store {
                 Ok(Claimed {
                     task: task_ref(r)?,
                     attempt: Attempt(r.try_get::<i32, _>("attempt")? as u32),
+                    worker: r.try_get::<Option<String>, _>("worker")?.map(WorkerId),
                 })
             })
             .collect()
+    }
+
+    /// The next `limit` tasks in dispatch order ([`Store::candidates`]), claimed for no
+    /// particular worker.
+    pub async fn claim_for_dispatch(&self, limit: u32, lease: Duration) -> Result<Vec<Claimed>> {
+        let tasks: Vec<TaskRef> = self
+            .candidates(limit, DEFAULT_AGEING)
+            .await?
+            .into_iter()
+            .map(|c| c.task)
+            .collect();
+        let mut claimed = self.claim(&tasks, &vec![None; tasks.len()], lease).await?;
+        // Keep the dispatch order (UPDATE ... RETURNING does not).
+        let order: std::collections::HashMap<TaskRef, usize> =
+            tasks.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+        claimed.sort_by_key(|c| order.get(&c.task).copied().unwrap_or(usize::MAX));
+        Ok(claimed)
+    }
+
+    /// Tasks placed on each worker and not finished (`queued` or `running`), by model key.
+    pub async fn placements(&self) -> Result<Vec<Placement>> {
+        let rows = sqlx::query(
+            "SELECT t.worker, j.spec->>'model' AS model, j.spec->>'vae' AS vae, count(*) AS n
+             FROM tasks t JOIN jobs j ON j.id = t.job_id
+             WHERE t.status IN ('queued', 'running') AND t.worker IS NOT NULL
+             GROUP BY 1, 2, 3",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let model: Option<String> = r.try_get("model")?;
+                let vae: Option<String> = r.try_get("vae")?;
+                Ok(Placement {
+                    worker: WorkerId(r.try_get("worker")?),
+                    model_key: farm_core::model_key(&model.unwrap_or_default(), vae.as_deref()),
+                    tasks: r.try_get::<i64, _>("n")? as u32,
+                })
+            })
+            .collect()
+    }
+
+    /// Sends `queued` tasks placed on a worker that is gone (no heartbeat for `gone_after`;
+    /// the reaper uses [`WORKER_ONLINE_SECS`]) back to `pending`, without waiting for the
+    /// queue lease. (A draining worker releases its unstarted tasks itself.) Returns each task
+    /// with its worker and stream id, to retract the messages.
+    pub async fn requeue_from_departed(&self, gone_after: Duration) -> Result<Vec<Departed>> {
+        let rows = sqlx::query(
+            "WITH gone AS (
+                SELECT id FROM workers WHERE last_seen < now() - make_interval(secs => $1)
+             ),
+             old AS (
+                SELECT t.job_id, t.idx, t.worker, t.stream_id FROM tasks t
+                WHERE t.status = 'queued' AND t.worker IN (SELECT id FROM gone)
+                FOR UPDATE OF t SKIP LOCKED
+             )
+             UPDATE tasks t SET status = 'pending', lease_deadline = NULL, stream_id = NULL,
+                    worker = NULL, updated_at = clock_timestamp(),
+                    error = format('attempt %s: its worker %s left before starting it', t.attempt, old.worker)
+             FROM old
+             WHERE t.job_id = old.job_id AND t.idx = old.idx AND t.status = 'queued'
+             RETURNING t.job_id, t.idx, old.worker, old.stream_id",
+        )
+        .bind(secs(gone_after))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Departed {
+                    task: task_ref(r)?,
+                    worker: WorkerId(r.try_get("worker")?),
+                    stream_id: r.try_get("stream_id")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Workers whose heartbeats stopped at least `WORKER_ONLINE_SECS` ago, newest first, with
+    /// no task left `queued` or `running` on them: their streams can go.
+    pub async fn departed_workers(&self) -> Result<Vec<WorkerId>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT w.id FROM workers w
+             WHERE w.last_seen < now() - make_interval(secs => $1)
+               AND w.last_seen > now() - interval '2 minutes'
+               AND NOT EXISTS (SELECT 1 FROM tasks t
+                               WHERE t.worker = w.id AND t.status IN ('queued', 'running'))",
+        )
+        .bind(WORKER_ONLINE_SECS as f64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().map(WorkerId).collect())
+    }
+
+    /// Sets a tenant's fair-share weight (1 is everyone's default).
+    pub async fn set_tenant_weight(&self, tenant: &str, weight: f64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tenant_shares (tenant, weight) VALUES ($1, $2)
+             ON CONFLICT (tenant) DO UPDATE SET weight = $2",
+        )
+        .bind(tenant)
+        .bind(weight)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Remembers which stream entry carries each dispatched attempt (to retract it later).
@@ -703,6 +894,31 @@ impl Store {
                     upsert_worker(&mut tx, info).await?;
                     extend_leases(&mut tx, &info.running, run_lease).await?;
                 }
+                Event::Released {
+                    task,
+                    attempt,
+                    worker,
+                } => {
+                    // Only the worker it was placed on can give it back, and only unstarted.
+                    let released = sqlx::query(
+                        "UPDATE tasks SET status = 'pending', attempt = attempt - 1, worker = NULL,
+                                stream_id = NULL, lease_deadline = NULL,
+                                updated_at = clock_timestamp()
+                         WHERE job_id = $1 AND idx = $2 AND attempt = $3 AND status = 'queued'
+                           AND worker = $4",
+                    )
+                    .bind(task.job.0)
+                    .bind(task.index as i32)
+                    .bind(attempt.0 as i32)
+                    .bind(&worker.0)
+                    .execute(&mut *tx)
+                    .await?;
+                    if released.rows_affected() == 1 {
+                        applied.changed.push(*task);
+                    } else {
+                        applied.ignored += 1;
+                    }
+                }
             }
         }
         apply_started(&mut tx, &started, run_lease, &mut applied, &mut deltas).await?;
@@ -727,7 +943,8 @@ impl Store {
                 FOR UPDATE SKIP LOCKED
              ),
              old AS (
-                SELECT t.job_id, t.idx, t.stream_id AS old_stream_id FROM tasks t JOIN expired USING (job_id, idx)
+                SELECT t.job_id, t.idx, t.stream_id AS old_stream_id, t.worker AS old_worker
+                FROM tasks t JOIN expired USING (job_id, idx)
              )
              UPDATE tasks t SET
                 status = CASE WHEN t.attempt < t.max_attempts THEN 'pending' ELSE 'failed' END,
@@ -737,7 +954,7 @@ impl Store {
                 lease_deadline = NULL, stream_id = NULL, updated_at = clock_timestamp()
              FROM old
              WHERE t.job_id = old.job_id AND t.idx = old.idx
-             RETURNING t.job_id, t.idx, t.status, old.old_stream_id",
+             RETURNING t.job_id, t.idx, t.status, old.old_stream_id, old.old_worker",
         )
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
@@ -759,6 +976,7 @@ impl Store {
                 },
                 status,
                 stream_id: r.try_get("old_stream_id")?,
+                worker: r.try_get::<Option<String>, _>("old_worker")?.map(WorkerId),
             });
         }
         for (job, n) in failed {
@@ -787,29 +1005,10 @@ impl Store {
         rows.iter().map(task_ref).collect()
     }
 
-    /// Sends `queued` tasks whose dispatch message sits with a dead worker (it read the
-    /// message but never started) back to `pending`. Returns the tasks changed.
-    pub async fn requeue_undelivered(&self, stream_ids: &[String]) -> Result<Vec<TaskRef>> {
-        if stream_ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = sqlx::query(
-            "UPDATE tasks SET status = 'pending', lease_deadline = NULL, stream_id = NULL,
-                    error = format('attempt %s: its worker died before starting it', attempt),
-                    updated_at = clock_timestamp()
-             WHERE stream_id = ANY($1) AND status = 'queued'
-             RETURNING job_id, idx",
-        )
-        .bind(stream_ids)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(task_ref).collect()
-    }
-
     pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
         let rows = sqlx::query(
             "SELECT id, hostname, device, concurrency, running, models, available, tasks_done, tasks_failed,
-                    last_seen, last_seen > now() - make_interval(secs => $1) AS online
+                    state, draining, last_seen, last_seen > now() - make_interval(secs => $1) AS online
              FROM workers ORDER BY id",
         )
         .bind(WORKER_ONLINE_SECS as f64)
@@ -817,6 +1016,8 @@ impl Store {
         .await?;
         rows.iter()
             .map(|r| {
+                let state: sqlx::types::Json<WorkerState> = r.try_get("state")?;
+                let state = state.0;
                 Ok(WorkerRow {
                     info: WorkerInfo {
                         worker: farm_core::WorkerId(r.try_get("id")?),
@@ -828,6 +1029,11 @@ impl Store {
                         running: Vec::new(),
                         tasks_done: r.try_get::<i64, _>("tasks_done")? as u64,
                         tasks_failed: r.try_get::<i64, _>("tasks_failed")? as u64,
+                        max_batch: state.max_batch.max(1),
+                        capabilities: state.capabilities,
+                        cache: state.cache,
+                        draining: r.try_get("draining")?,
+                        batches: state.batches,
                     },
                     running: r.try_get::<i32, _>("running")? as u32,
                     last_seen: r.try_get("last_seen")?,
@@ -929,12 +1135,38 @@ impl Store {
     }
 }
 
+/// The part of a heartbeat kept as `workers.state`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct WorkerState {
+    #[serde(default)]
+    max_batch: u32,
+    #[serde(default)]
+    capabilities: farm_core::Capabilities,
+    #[serde(default)]
+    cache: farm_queue::CacheState,
+    #[serde(default)]
+    batches: u64,
+}
+
+impl WorkerState {
+    fn of(info: &WorkerInfo) -> Self {
+        WorkerState {
+            max_batch: info.max_batch,
+            capabilities: info.capabilities.clone(),
+            cache: info.cache.clone(),
+            batches: info.batches,
+        }
+    }
+}
+
 async fn upsert_worker(tx: &mut Transaction<'_, Postgres>, info: &WorkerInfo) -> Result<()> {
     sqlx::query(
-        "INSERT INTO workers (id, hostname, device, concurrency, running, models, available, last_seen)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+        "INSERT INTO workers (id, hostname, device, concurrency, running, models, available,
+                              state, model_loads, draining, last_seen)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now())
          ON CONFLICT (id) DO UPDATE SET hostname = $2, device = $3, concurrency = $4,
-                running = $5, models = $6, available = $7, last_seen = now()",
+                running = $5, models = $6, available = $7, state = $8, model_loads = $9,
+                draining = $10, last_seen = now()",
     )
     .bind(&info.worker.0)
     .bind(&info.hostname)
@@ -943,6 +1175,9 @@ async fn upsert_worker(tx: &mut Transaction<'_, Postgres>, info: &WorkerInfo) ->
     .bind(info.running.len() as i32)
     .bind(&info.models)
     .bind(&info.available)
+    .bind(sqlx::types::Json(WorkerState::of(info)))
+    .bind(info.cache.loads as i64)
+    .bind(info.draining)
     .execute(&mut **tx)
     .await?;
     Ok(())

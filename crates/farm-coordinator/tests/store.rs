@@ -28,8 +28,12 @@ fn worker(n: u32) -> WorkerId {
 }
 
 async fn heartbeat(store: &Store, slots: u32) {
+    beat(store, worker(1), slots, false).await;
+}
+
+async fn beat(store: &Store, id: WorkerId, slots: u32, draining: bool) {
     let info = WorkerInfo {
-        worker: worker(1),
+        worker: id,
         hostname: "h".into(),
         device: "cpu".into(),
         concurrency: slots,
@@ -38,6 +42,11 @@ async fn heartbeat(store: &Store, slots: u32) {
         running: vec![],
         tasks_done: 0,
         tasks_failed: 0,
+        max_batch: 1,
+        capabilities: Default::default(),
+        cache: Default::default(),
+        draining,
+        batches: 0,
     };
     store
         .apply(&[Event::Heartbeat(info)], Duration::from_secs(30))
@@ -468,5 +477,134 @@ async fn claims_whose_dispatch_was_never_confirmed_are_requeued() {
         tasks[claimed[1].task.index as usize].status,
         TaskStatus::Pending
     );
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn weights_share_turns_and_ageing_lifts_waiting_low_priorities() {
+    let db = TestDb::new("farm_store").await;
+    let store = &db.store;
+    let (a, _) = store
+        .submit(&validate(&request(100, 0)).expect("valid"), "tenant-a")
+        .await
+        .expect("submit a");
+    let (b, _) = store
+        .submit(&validate(&request(100, 0)).expect("valid"), "tenant-b")
+        .await
+        .expect("submit b");
+    store
+        .set_tenant_weight("tenant-a", 3.0)
+        .await
+        .expect("weight");
+    // Weight 3 against 1: three of A's tasks for each of B's.
+    let next = store
+        .candidates(8, Duration::from_secs(60))
+        .await
+        .expect("candidates");
+    let from_a = next.iter().filter(|c| c.task.job == a.id).count();
+    let from_b = next.iter().filter(|c| c.task.job == b.id).count();
+    assert_eq!((from_a, from_b), (6, 2), "{next:?}");
+
+    // A low-priority job waits behind urgent work...
+    let mut low = request(1, 0);
+    low.priority = -10;
+    let (low, _) = store
+        .submit(&validate(&low).expect("valid"), "tenant-c")
+        .await
+        .expect("submit low");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut urgent = request(1, 0);
+    urgent.priority = 10;
+    let (urgent, _) = store
+        .submit(&validate(&urgent).expect("valid"), "tenant-d")
+        .await
+        .expect("submit urgent");
+    let fresh = store
+        .candidates(1, Duration::from_secs(60))
+        .await
+        .expect("candidates");
+    assert_eq!(fresh[0].task.job, urgent.id);
+    // ...until it has waited long enough (here: ageing of 1 ms per priority step): then it
+    // ranks with the highest class, and being older, goes before the urgent task.
+    let aged = store
+        .candidates(300, Duration::from_millis(1))
+        .await
+        .expect("candidates");
+    let at = |job| aged.iter().position(|c| c.task.job == job).expect("listed");
+    assert!(at(low.id) < at(urgent.id), "{aged:?}");
+    assert!(aged[at(low.id)].waited >= Duration::from_millis(50));
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn placed_tasks_are_counted_per_worker_and_taken_back_when_it_drains() {
+    let db = TestDb::new("farm_store").await;
+    let store = &db.store;
+    beat(store, worker(1), 1, false).await;
+    beat(store, worker(2), 1, false).await;
+    let (job, _) = store
+        .submit(&validate(&request(3, 0)).expect("valid"), DEFAULT_TENANT)
+        .await
+        .expect("submit");
+    let tasks: Vec<TaskRef> = (0..3).map(|index| TaskRef { job: job.id, index }).collect();
+    let on = [Some(worker(1)), Some(worker(1)), Some(worker(2))];
+    let claimed = store.claim(&tasks, &on, LEASE).await.expect("claim");
+    assert_eq!(claimed.len(), 3);
+    // Claiming again finds nothing pending: no task is placed twice.
+    assert!(store
+        .claim(&tasks, &on, LEASE)
+        .await
+        .expect("claim")
+        .is_empty());
+    let mut placed = store.placements().await.expect("placements");
+    placed.sort_by(|x, y| x.worker.0.cmp(&y.worker.0));
+    assert_eq!(
+        placed
+            .iter()
+            .map(|p| (p.worker.0.as_str(), p.model_key.as_str(), p.tasks))
+            .collect::<Vec<_>>(),
+        vec![("w1", "tiny", 2), ("w2", "tiny", 1)]
+    );
+    let gone_after = Duration::from_millis(300);
+    assert!(store
+        .requeue_from_departed(gone_after)
+        .await
+        .expect("requeue")
+        .is_empty());
+    // Worker 2 drains and gives task 2 back: pending again, its attempt not spent. Only the
+    // worker holding a task can release it.
+    beat(store, worker(2), 1, true).await;
+    let release = |w: u32, task: TaskRef| Event::Released {
+        task,
+        attempt: Attempt(1),
+        worker: worker(w),
+    };
+    let applied = store
+        .apply(&[release(1, tasks[2]), release(2, tasks[2])], LEASE)
+        .await
+        .expect("release");
+    assert_eq!((applied.changed.len(), applied.ignored), (1, 1));
+    let rows = store.tasks(job.id).await.expect("tasks");
+    assert_eq!((rows[2].status, rows[2].attempt), (TaskStatus::Pending, 0));
+    assert_eq!(rows[2].worker, None);
+    let workers = store.workers().await.expect("workers");
+    assert!(workers
+        .iter()
+        .any(|w| w.info.worker == worker(2) && w.info.draining));
+    // Worker 1 stops sending heartbeats, worker 2 goes on: worker 1's tasks come back.
+    tokio::time::sleep(gone_after + Duration::from_millis(100)).await;
+    beat(store, worker(2), 1, false).await;
+    let back = store
+        .requeue_from_departed(gone_after)
+        .await
+        .expect("requeue");
+    let mut back: Vec<(u32, String)> = back
+        .iter()
+        .map(|d| (d.task.index, d.worker.0.clone()))
+        .collect();
+    back.sort();
+    assert_eq!(back, vec![(0, "w1".to_string()), (1, "w1".to_string())]);
+    let rows = store.tasks(job.id).await.expect("tasks");
+    assert!(rows.iter().all(|r| r.status == TaskStatus::Pending));
     db.drop_db().await;
 }

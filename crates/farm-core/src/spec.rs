@@ -61,6 +61,27 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidField {
     }
 }
 
+/// Named priority classes; any integer in `[-LIMITS.max_priority, LIMITS.max_priority]` works
+/// too. Higher goes first; ageing lifts a waiting task one level per ageing period.
+pub const PRIORITY_CLASSES: &[(&str, i32)] =
+    &[("low", -10), ("normal", 0), ("high", 10), ("urgent", 50)];
+
+/// `low`, `normal`, `high`, `urgent` or an integer.
+pub fn parse_priority(s: &str) -> Result<i32, String> {
+    let s = s.trim();
+    if let Some((_, p)) = PRIORITY_CLASSES.iter().find(|(name, _)| *name == s) {
+        return Ok(*p);
+    }
+    s.parse::<i32>().map_err(|_| {
+        let names: Vec<&str> = PRIORITY_CLASSES.iter().map(|(n, _)| *n).collect();
+        format!(
+            "priority {s:?}: use one of {} or an integer in [-{m}, {m}]",
+            names.join(", "),
+            m = LIMITS.max_priority
+        )
+    })
+}
+
 /// What kind of image a task makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Mode {
@@ -926,6 +947,16 @@ mod tests {
             height: 64,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn priority_classes_and_integers_parse() {
+        assert_eq!(parse_priority("high"), Ok(10));
+        assert_eq!(parse_priority("low"), Ok(-10));
+        assert_eq!(parse_priority("-3"), Ok(-3));
+        assert!(parse_priority("soon")
+            .unwrap_err()
+            .contains("low, normal, high, urgent"));
     }
 
     #[test]

@@ -318,6 +318,16 @@ impl From<&Txt2Img> for Request {
     }
 }
 
+/// One image of a batch ([`StableDiffusion::generate_batch`]): what may differ between
+/// images that share one UNet call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchItem {
+    pub prompt: String,
+    /// The unconditional text for classifier-free guidance; empty string for none.
+    pub negative_prompt: String,
+    pub seed: u64,
+}
+
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RgbImage {

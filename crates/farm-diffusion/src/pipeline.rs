@@ -11,7 +11,7 @@ use crate::noise::{self, ANCESTRAL_STREAM, NOISE_STREAM, VAE_NOISE_STREAM};
 use crate::schedulers::Scheduler;
 use crate::tokenizer::Tokenizer;
 use crate::vae::Vae;
-use crate::{schedulers, DiffusionError, Mode, Request, Result, RgbImage, Txt2Img};
+use crate::{schedulers, BatchItem, DiffusionError, Mode, Request, Result, RgbImage, Txt2Img};
 
 /// Largest accepted image side, in pixels.
 pub const MAX_SIDE: usize = 4096;
@@ -31,6 +31,7 @@ pub struct StableDiffusion {
     unet_config: UNetConfig,
     vae: Vae,
     scheduler_config: SchedulerConfig,
+    weight_bytes: u64,
 }
 
 /// Memory-maps a safetensors file into a `VarBuilder`, reporting a missing file as a
@@ -110,6 +111,16 @@ impl StableDiffusion {
             ));
         }
 
+        let weight_files = [
+            p("text_encoder/model.safetensors"),
+            p("unet/diffusion_pytorch_model.safetensors"),
+            vae_dir.join("diffusion_pytorch_model.safetensors"),
+        ];
+        let weight_bytes = weight_files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum();
         let path = p("text_encoder/model.safetensors");
         let text_encoder = ClipTextModel::new(weights(&path, dtype, device)?, &text_config)
             .map_err(model_err(&path))?;
@@ -134,7 +145,14 @@ impl StableDiffusion {
             unet_config,
             vae,
             scheduler_config,
+            weight_bytes,
         })
+    }
+
+    /// The size of the weight files this model was loaded from (text encoder, UNet, VAE):
+    /// what a model cache counts it as.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     pub fn device(&self) -> &Device {
@@ -281,9 +299,41 @@ impl StableDiffusion {
         req: &Request,
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Vec<RgbImage>> {
+        let items: Vec<BatchItem> = (0..req.num_images)
+            .map(|i| BatchItem {
+                prompt: req.prompt.clone(),
+                negative_prompt: req.negative_prompt.clone(),
+                seed: noise::image_seed(req.seed, i),
+            })
+            .collect();
+        self.run(req, &items, on_step)
+    }
+
+    /// Renders one image per item in one batch: every UNet call covers all of them. The
+    /// items share `req`'s everything but prompt, negative prompt and seed (`req.prompt`,
+    /// `req.negative_prompt`, `req.seed` and `req.num_images` are ignored); image `i` is the
+    /// image `items[i]` gives alone, from its own seed's noise.
+    pub fn generate_batch(
+        &self,
+        req: &Request,
+        items: &[BatchItem],
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Vec<RgbImage>> {
+        let req = Request {
+            num_images: items.len(),
+            ..req.clone()
+        };
+        self.run(&req, items, on_step)
+    }
+
+    fn run(
+        &self,
+        req: &Request,
+        items: &[BatchItem],
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Vec<RgbImage>> {
         let shape = self.validate(req)?;
-        let n = req.num_images;
-        let seeds: Vec<u64> = (0..n).map(|i| noise::image_seed(req.seed, i)).collect();
+        let seeds: Vec<u64> = items.iter().map(|i| i.seed).collect();
 
         // The encoded init image, sampled from its posterior (unscaled latents).
         let encoded = match &req.init_image {
@@ -309,7 +359,7 @@ impl StableDiffusion {
         let _ = ANCESTRAL_STREAM; // documented in `noise`; drawn by the Euler ancestral scheduler
         let noise = self.noise(req.noise.as_ref(), &seeds, NOISE_STREAM, shape)?;
         let guided = req.guidance_scale > 1.0;
-        let embeddings = self.batch_embeddings(req, guided)?;
+        let embeddings = self.batch_embeddings(items, guided)?;
         let sf = self.vae.config.scaling_factor;
         let total = scheduler.timesteps().len();
 
@@ -383,19 +433,32 @@ impl StableDiffusion {
     }
 
     /// Text embeddings for the batch: `[uncond x n, cond x n]` when guided (image `i`'s
-    /// halves are rows `i` and `n + i`), else `[cond x n]`.
-    fn batch_embeddings(&self, req: &Request, guided: bool) -> Result<Tensor> {
-        let n = req.num_images;
-        if guided {
-            let e = self.encode_prompts(&[req.negative_prompt.as_str(), req.prompt.as_str()])?;
-            let uncond = e.narrow(0, 0, 1)?.repeat((n, 1, 1))?;
-            let cond = e.narrow(0, 1, 1)?.repeat((n, 1, 1))?;
-            Ok(Tensor::cat(&[uncond, cond], 0)?)
-        } else {
-            Ok(self
-                .encode_prompts(&[req.prompt.as_str()])?
-                .repeat((n, 1, 1))?)
+    /// halves are rows `i` and `n + i`), else `[cond x n]`. Each distinct text is encoded
+    /// once.
+    fn batch_embeddings(&self, items: &[BatchItem], guided: bool) -> Result<Tensor> {
+        fn row<'a>(texts: &mut Vec<&'a str>, text: &'a str) -> usize {
+            texts.iter().position(|t| *t == text).unwrap_or_else(|| {
+                texts.push(text);
+                texts.len() - 1
+            })
         }
+        let mut texts: Vec<&str> = Vec::new();
+        let mut rows: Vec<usize> = Vec::with_capacity(2 * items.len());
+        if guided {
+            for item in items {
+                rows.push(row(&mut texts, &item.negative_prompt));
+            }
+        }
+        for item in items {
+            rows.push(row(&mut texts, &item.prompt));
+        }
+        let encoded = self.encode_prompts(&texts)?;
+        let rows = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(),
+            rows.len(),
+            &self.device,
+        )?;
+        Ok(encoded.index_select(&rows, 0)?)
     }
 
     /// The denoising loop from step `start` on. `after_step(scheduler, (index, latents))`

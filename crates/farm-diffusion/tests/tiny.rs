@@ -267,3 +267,74 @@ fn a_model_that_outputs_nan_fails_instead_of_drawing_black() {
         "{err}"
     );
 }
+
+#[test]
+fn a_batch_of_different_prompts_and_seeds_gives_each_image_as_alone() {
+    use farm_diffusion::{BatchItem, Request};
+    let items = [
+        ("a red bicycle", "blurry", 11u64),
+        ("a lighthouse at dusk", "", 12),
+        ("a red bicycle", "", 999_999_999_999),
+    ]
+    .map(|(prompt, negative, seed)| BatchItem {
+        prompt: prompt.into(),
+        negative_prompt: negative.into(),
+        seed,
+    });
+    for scheduler in [SchedulerKind::Pndm, SchedulerKind::EulerAncestral] {
+        let shared = Request {
+            width: 64,
+            height: 64,
+            steps: 3,
+            scheduler,
+            ..Default::default()
+        };
+        let model = &fixture().model;
+        let mut steps = 0;
+        let batch = model
+            .generate_batch(&shared, &items, &mut |_, _| {
+                steps += 1;
+                true
+            })
+            .expect("batch");
+        assert_eq!(batch.len(), items.len());
+        for (item, image) in items.iter().zip(&batch) {
+            let alone = model
+                .generate(
+                    &Request {
+                        prompt: item.prompt.clone(),
+                        negative_prompt: item.negative_prompt.clone(),
+                        seed: item.seed,
+                        ..shared.clone()
+                    },
+                    &mut |_, _| true,
+                )
+                .expect("alone");
+            let worst = image
+                .pixels
+                .iter()
+                .zip(&alone[0].pixels)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
+            eprintln!("{scheduler}: worst difference {worst}");
+            assert!(
+                worst <= 1,
+                "{scheduler}: {item:?} differs from its own render by {worst} levels"
+            );
+        }
+        // One UNet pass per step for the whole batch, not per image.
+        assert_eq!(
+            steps,
+            if scheduler == SchedulerKind::Pndm {
+                4
+            } else {
+                3
+            }
+        );
+        assert_ne!(
+            batch[0].pixels, batch[2].pixels,
+            "negative prompts and seeds differ"
+        );
+    }
+}

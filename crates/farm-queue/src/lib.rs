@@ -2,8 +2,10 @@
 //!
 //! Keys (all under one prefix, `farm` by default, so tests and farms can share a server; the
 //! prefix is written in braces, a Redis Cluster hash tag, so all of a farm's keys share a slot):
-//! - `{prefix}:tasks`: the dispatch stream. The coordinator `XADD`s one [`TaskSpec`] per
-//!   attempt; workers read it in the consumer group `workers` and `XACK` when done.
+//! - `{prefix}:tasks:{worker}`: one dispatch stream per worker. The coordinator places each
+//!   task on a worker (model affinity, capabilities, a bounded prefetch) and `XADD`s one
+//!   [`TaskSpec`] per attempt to that worker's stream; the worker reads it in the consumer
+//!   group `workers` and `XACK`s + `XDEL`s when done. Work not yet placed waits in Postgres.
 //! - `{prefix}:events`: the event stream. Workers `XADD` [`Event`]s; coordinators read it in the
 //!   consumer group `coordinators` and `XACK` after the event is applied in Postgres.
 //! - `{prefix}:dead`: messages no one could decode, kept for a human.
@@ -14,7 +16,7 @@
 
 use std::time::Duration;
 
-use farm_core::{Attempt, JobId, TaskRef, TaskSpec, WorkerId};
+use farm_core::{Attempt, Capabilities, JobId, TaskRef, TaskSpec, WorkerId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Value};
@@ -71,6 +73,38 @@ pub struct WorkerInfo {
     pub running: Vec<(TaskRef, Attempt)>,
     pub tasks_done: u64,
     pub tasks_failed: u64,
+    /// Tasks it renders together in one batch, at most (`--max-batch`).
+    #[serde(default = "one")]
+    pub max_batch: u32,
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    #[serde(default)]
+    pub cache: CacheState,
+    /// It got SIGTERM: it takes nothing new, and gives back its unstarted tasks.
+    #[serde(default)]
+    pub draining: bool,
+    /// Render calls made since it started; with `tasks_done` it shows how well batches fill.
+    #[serde(default)]
+    pub batches: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A worker's model cache: what it holds, its room, and how often it loaded a model.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheState {
+    /// `--model-cache-bytes`; `None`: no limit.
+    pub capacity: Option<u64>,
+    /// Bytes of the models loaded now.
+    pub used: u64,
+    /// Each loaded model (its key, see `farm_core::model_key`) and its size in bytes.
+    pub models: Vec<(String, u64)>,
+    /// Models loaded since the worker started (a reload after an eviction counts again).
+    pub loads: u64,
+    /// Models evicted to make room.
+    pub evictions: u64,
 }
 
 /// Worker → coordinator. Every task event names its attempt (fencing).
@@ -110,6 +144,13 @@ pub enum Event {
         retryable: bool,
     },
     Heartbeat(WorkerInfo),
+    /// A draining worker gives back a task it was handed but never started: the task goes
+    /// back to `pending` at once, and this attempt number is used again (no attempt spent).
+    Released {
+        task: TaskRef,
+        attempt: Attempt,
+        worker: WorkerId,
+    },
 }
 
 /// One stream entry as delivered to a consumer.
@@ -136,8 +177,9 @@ impl Keys {
     fn tag(&self) -> String {
         format!("{{{}}}", self.prefix)
     }
-    pub fn tasks(&self) -> String {
-        format!("{}:tasks", self.tag())
+    /// The dispatch stream of one worker.
+    pub fn worker_tasks(&self, worker: &WorkerId) -> String {
+        format!("{}:tasks:{}", self.tag(), worker.0)
     }
     pub fn events(&self) -> String {
         format!("{}:events", self.tag())
@@ -229,45 +271,78 @@ impl Queue {
     /// Creates both streams and their consumer groups if missing (after a Redis restart too).
     pub async fn ensure_groups(&self) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
-        for (stream, group) in [
-            (self.keys.tasks(), WORKERS_GROUP),
-            (self.keys.events(), COORDINATORS_GROUP),
-        ] {
-            let created: Result<(), _> = conn.xgroup_create_mkstream(&stream, group, "0").await;
-            match created {
-                Ok(()) => {}
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                Err(e) => return Err(self.err(e)),
-            }
+        let created: Result<(), _> = conn
+            .xgroup_create_mkstream(self.keys.events(), COORDINATORS_GROUP, "0")
+            .await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(self.err(e)),
         }
-        Ok(())
     }
 
-    /// Hands tasks to the workers: one `XADD` each, pipelined. Returns the stream ids.
-    pub async fn dispatch(&self, tasks: &[TaskSpec]) -> Result<Vec<String>, QueueError> {
+    /// Creates a worker's dispatch stream and its group if missing. The group starts at the
+    /// beginning, so messages dispatched before the worker got here are read too.
+    pub async fn ensure_worker_stream(&self, worker: &WorkerId) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let created: Result<(), _> = conn
+            .xgroup_create_mkstream(self.keys.worker_tasks(worker), WORKERS_GROUP, "0")
+            .await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Hands each task to its worker: one `XADD` to that worker's stream each, pipelined.
+    /// Returns the stream ids, in order.
+    pub async fn dispatch(
+        &self,
+        tasks: &[(&WorkerId, &TaskSpec)],
+    ) -> Result<Vec<String>, QueueError> {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
-        for task in tasks {
+        for (worker, task) in tasks {
             let payload = serde_json::to_vec(task)?;
-            pipe.xadd(self.keys.tasks(), "*", &[(FIELD, payload)]);
+            pipe.xadd(self.keys.worker_tasks(worker), "*", &[(FIELD, payload)]);
         }
         let mut conn = self.conn.clone();
         pipe.query_async(&mut conn).await.map_err(|e| self.err(e))
     }
 
-    /// Reads up to `count` new tasks for `consumer`, waiting up to `block` for the first.
+    /// Up to `count` tasks of `worker`'s stream that were handed to it before and never
+    /// acknowledged: what a worker restarted under the same id (a pod's name) held.
+    pub async fn pending_tasks(
+        &self,
+        worker: &WorkerId,
+        count: usize,
+    ) -> Result<Vec<Delivery<TaskSpec>>, QueueError> {
+        self.read_group(
+            &self.keys.worker_tasks(worker),
+            WORKERS_GROUP,
+            &worker.0,
+            "0",
+            count,
+            Duration::ZERO,
+        )
+        .await
+    }
+
+    /// Reads up to `count` new tasks from `worker`'s own stream, waiting up to `block` for
+    /// the first.
     pub async fn read_tasks(
         &self,
-        consumer: &WorkerId,
+        worker: &WorkerId,
         count: usize,
         block: Duration,
     ) -> Result<Vec<Delivery<TaskSpec>>, QueueError> {
         self.read_group(
-            &self.keys.tasks(),
+            &self.keys.worker_tasks(worker),
             WORKERS_GROUP,
-            &consumer.0,
+            &worker.0,
             ">",
             count,
             block,
@@ -317,9 +392,15 @@ impl Queue {
         let reply = match reply {
             Ok(r) => r,
             Err(e) if e.code() == Some("NOGROUP") => {
-                // Redis lost its data (restart without persistence): recreate and carry on.
-                tracing::warn!(stream, "consumer group missing; recreating it");
-                self.ensure_groups().await?;
+                // First read, or Redis lost its data (restart without persistence): create
+                // the group and carry on.
+                if group == WORKERS_GROUP {
+                    self.ensure_worker_stream(&WorkerId(consumer.to_string()))
+                        .await?;
+                } else {
+                    tracing::warn!(stream, "consumer group missing; recreating it");
+                    self.ensure_groups().await?;
+                }
                 return Ok(Vec::new());
             }
             Err(e) => return Err(self.err(e)),
@@ -337,8 +418,10 @@ impl Queue {
         Ok(out)
     }
 
-    pub async fn ack_tasks(&self, ids: &[String]) -> Result<(), QueueError> {
-        self.ack(&self.keys.tasks(), WORKERS_GROUP, ids).await
+    /// Acknowledges and deletes handled messages of `worker`'s stream.
+    pub async fn ack_tasks(&self, worker: &WorkerId, ids: &[String]) -> Result<(), QueueError> {
+        self.ack(&self.keys.worker_tasks(worker), WORKERS_GROUP, ids)
+            .await
     }
 
     pub async fn ack_events(&self, ids: &[String]) -> Result<(), QueueError> {
@@ -360,51 +443,47 @@ impl Queue {
             .map_err(|e| self.err(e))
     }
 
-    /// Dispatch messages handed to a consumer at least `min_idle` ago and not acknowledged:
-    /// (stream id, consumer). A consumer that is no live worker died holding them.
-    pub async fn delivered_unacked(
-        &self,
-        min_idle: Duration,
-    ) -> Result<Vec<(String, String)>, QueueError> {
-        let mut conn = self.conn.clone();
-        let reply: Result<Vec<(String, String, u64, u64)>, _> = redis::cmd("XPENDING")
-            .arg(self.keys.tasks())
-            .arg(WORKERS_GROUP)
-            .arg("IDLE")
-            .arg(min_idle.as_millis() as u64)
-            .arg("-")
-            .arg("+")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await;
-        match reply {
-            Ok(entries) => Ok(entries
-                .into_iter()
-                .map(|(id, consumer, _, _)| (id, consumer))
-                .collect()),
-            // No stream or group (yet, or after a Redis restart): nothing is pending.
-            Err(e) if e.code() == Some("NOGROUP") => Ok(Vec::new()),
-            Err(e) => Err(self.err(e)),
+    /// Removes dispatch messages of attempts that were superseded (their lease expired, or
+    /// their worker went away), so no worker starts them late. A worker that already has one
+    /// is fenced by its attempt.
+    pub async fn retract_tasks(&self, messages: &[(WorkerId, String)]) -> Result<(), QueueError> {
+        if messages.is_empty() {
+            return Ok(());
         }
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for (worker, id) in messages {
+            let stream = self.keys.worker_tasks(worker);
+            pipe.xack(&stream, WORKERS_GROUP, &[id])
+                .ignore()
+                .xdel(&stream, &[id])
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.err(e))
     }
 
-    /// Removes dispatch messages of attempts that were superseded (their lease expired), so no
-    /// worker starts them late. A worker that already has one is fenced by its attempt.
-    pub async fn retract_tasks(&self, ids: &[String]) -> Result<(), QueueError> {
-        self.ack_tasks(ids).await
+    /// Deletes a departed worker's stream (after its tasks were requeued).
+    pub async fn drop_worker_stream(&self, worker: &WorkerId) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        conn.del::<_, ()>(self.keys.worker_tasks(worker))
+            .await
+            .map_err(|e| self.err(e))
     }
 
     /// Moves an undecodable message to the dead-letter stream and acknowledges it.
+    /// `worker`: the message came from that worker's dispatch stream; `None`: from the event
+    /// stream.
     pub async fn dead_letter(
         &self,
-        stream_is_tasks: bool,
+        worker: Option<&WorkerId>,
         bad: &DecodeError,
     ) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
-        let source = if stream_is_tasks {
-            self.keys.tasks()
-        } else {
-            self.keys.events()
+        let source = match worker {
+            Some(w) => self.keys.worker_tasks(w),
+            None => self.keys.events(),
         };
         let _: String = conn
             .xadd(
@@ -420,10 +499,9 @@ impl Queue {
             .await
             .map_err(|e| self.err(e))?;
         let ids = [bad.id.clone()];
-        if stream_is_tasks {
-            self.ack_tasks(&ids).await
-        } else {
-            self.ack_events(&ids).await
+        match worker {
+            Some(w) => self.ack_tasks(w, &ids).await,
+            None => self.ack_events(&ids).await,
         }
     }
 
@@ -451,10 +529,18 @@ impl Queue {
             .map_err(|e| self.err(e))
     }
 
-    /// Entries in the dispatch stream (handed out or not yet read).
-    pub async fn tasks_stream_len(&self) -> Result<u64, QueueError> {
+    /// Entries in these workers' dispatch streams (handed out or not yet read).
+    pub async fn dispatch_backlog(&self, workers: &[WorkerId]) -> Result<u64, QueueError> {
+        if workers.is_empty() {
+            return Ok(0);
+        }
         let mut conn = self.conn.clone();
-        conn.xlen(self.keys.tasks()).await.map_err(|e| self.err(e))
+        let mut pipe = redis::pipe();
+        for w in workers {
+            pipe.xlen(self.keys.worker_tasks(w));
+        }
+        let lens: Vec<u64> = pipe.query_async(&mut conn).await.map_err(|e| self.err(e))?;
+        Ok(lens.iter().sum())
     }
 
     /// The Redis server's `run_id` (new at every restart) and its uptime in seconds.
@@ -557,7 +643,13 @@ mod tests {
     fn every_key_of_a_farm_carries_the_same_hash_tag() {
         let keys = Keys::new("farm");
         let job = JobId::new();
-        for key in [keys.tasks(), keys.events(), keys.dead(), keys.cancel(job)] {
+        let worker = WorkerId("gpu-1".into());
+        for key in [
+            keys.worker_tasks(&worker),
+            keys.events(),
+            keys.dead(),
+            keys.cancel(job),
+        ] {
             assert!(key.starts_with("{farm}:"), "{key}");
         }
     }
@@ -567,20 +659,47 @@ mod tests {
         let prefix = format!("test-queue-{}", uuid::Uuid::new_v4());
         let queue = Queue::connect(&redis_url(), &prefix).await.expect("redis");
         let worker = WorkerId("w1".into());
+        let other = WorkerId("w2".into());
         let sent = vec![spec(0), spec(1)];
-        queue.dispatch(&sent).await.expect("dispatch");
+        let elsewhere = spec(2);
+        // The first read creates the group; messages sent before it are still read.
+        queue
+            .dispatch(&[
+                (&worker, &sent[0]),
+                (&other, &elsewhere),
+                (&worker, &sent[1]),
+            ])
+            .await
+            .expect("dispatch");
+        assert_eq!(
+            queue
+                .dispatch_backlog(&[worker.clone(), other.clone()])
+                .await
+                .expect("xlen"),
+            3
+        );
 
         // Garbage in the dispatch stream must not stop the reader.
         let mut conn = queue.conn.clone();
         let _: String = conn
-            .xadd(queue.keys.tasks(), "*", &[(FIELD, b"{not json".to_vec())])
+            .xadd(
+                queue.keys.worker_tasks(&worker),
+                "*",
+                &[(FIELD, b"{not json".to_vec())],
+            )
             .await
             .expect("xadd");
 
-        let got = queue
-            .read_tasks(&worker, 10, Duration::from_millis(100))
-            .await
-            .expect("read");
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.extend(
+                queue
+                    .read_tasks(&worker, 10, Duration::from_millis(100))
+                    .await
+                    .expect("read"),
+            );
+        }
+        // Only this worker's messages.
         assert_eq!(got.len(), 3);
         let decoded: Vec<_> = got
             .iter()
@@ -589,9 +708,36 @@ mod tests {
             .collect();
         assert_eq!(decoded, sent);
         let bad = got[2].message.as_ref().expect_err("garbage");
-        queue.dead_letter(true, bad).await.expect("dead letter");
+        queue
+            .dead_letter(Some(&worker), bad)
+            .await
+            .expect("dead letter");
         let dead: u64 = conn.xlen(queue.keys.dead()).await.expect("xlen");
         assert_eq!(dead, 1);
+        // Handled and retracted messages leave the streams.
+        queue
+            .ack_tasks(&worker, &[got[0].id.clone()])
+            .await
+            .expect("ack");
+        queue
+            .retract_tasks(&[(worker.clone(), got[1].id.clone())])
+            .await
+            .expect("retract");
+        assert_eq!(
+            queue
+                .dispatch_backlog(std::slice::from_ref(&worker))
+                .await
+                .expect("xlen"),
+            0
+        );
+        queue.drop_worker_stream(&other).await.expect("drop");
+        assert_eq!(
+            queue
+                .dispatch_backlog(std::slice::from_ref(&other))
+                .await
+                .expect("xlen"),
+            0
+        );
 
         let event = Event::Started {
             task: sent[0].task,
@@ -627,7 +773,7 @@ mod tests {
 
         let _: () = conn
             .del(&[
-                queue.keys.tasks(),
+                queue.keys.worker_tasks(&worker),
                 queue.keys.events(),
                 queue.keys.dead(),
                 queue.keys.cancel(sent[0].task.job),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use farm_core::{Attempt, TaskRef, TaskSpec, WorkerId};
-use farm_diffusion::{DiffusionError, Request, RgbImage};
+use farm_diffusion::{BatchItem, DiffusionError, Request, RgbImage};
 use farm_queue::{Delivery, Event, Queue, Timings, WorkerInfo};
 use farm_storage::Storage;
 use sha2::{Digest, Sha256};
@@ -30,6 +30,9 @@ const CANCEL_POLL: Duration = Duration::from_millis(200);
 /// At most this many progress events per second per task.
 const PROGRESS_PER_SEC: u32 = 4;
 const UPLOAD_TRIES: u32 = 5;
+/// A draining worker waits at least this long after announcing it before giving back its
+/// unstarted tasks, so the coordinator has stopped placing new ones.
+const DRAIN_SETTLE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -46,6 +49,12 @@ pub struct WorkerConfig {
     /// What renders the tasks: the real Stable Diffusion engine, or the benchmark-only
     /// `null` pipeline.
     pub pipeline: Pipeline,
+    /// Up to this many compatible tasks (same batch key) render as one batch.
+    pub max_batch: usize,
+    /// Bytes of models kept loaded (LRU); `None`: no limit.
+    pub model_cache_bytes: Option<u64>,
+    /// What it admits (max pixels, device memory, modes); the coordinator routes by it.
+    pub capabilities: farm_core::Capabilities,
 }
 
 /// `sd`: Stable Diffusion on candle. `null`: benchmark-only, no model; every task gets the
@@ -81,6 +90,9 @@ impl WorkerConfig {
             device: "cpu".into(),
             id: default_worker_id(),
             pipeline: Pipeline::Sd,
+            max_batch: 1,
+            model_cache_bytes: None,
+            capabilities: farm_core::Capabilities::default(),
         }
     }
 }
@@ -104,11 +116,20 @@ struct Worker {
     running: Mutex<HashMap<TaskRef, Attempt>>,
     done: AtomicU64,
     failed: AtomicU64,
+    draining: AtomicBool,
+    batches: AtomicU64,
+    /// Wakes the heartbeat loop early (e.g. to announce draining at once).
+    beat_now: tokio::sync::Notify,
 }
 
 /// Runs a worker until `shutdown` is cancelled, then lets the tasks in hand finish.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     anyhow::ensure!(config.concurrency >= 1, "--concurrency must be at least 1");
+    anyhow::ensure!(
+        (1..=farm_diffusion::pipeline::MAX_BATCH).contains(&config.max_batch),
+        "--max-batch must be between 1 and {}",
+        farm_diffusion::pipeline::MAX_BATCH
+    );
     let device = farm_diffusion::parse_device(&config.device)
         .with_context(|| format!("--device {}", config.device))?;
     let ca_pem = config
@@ -133,29 +154,54 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         .check()
         .await
         .with_context(|| format!("cannot reach storage {}", config.storage))?;
+    queue
+        .ensure_worker_stream(&config.id)
+        .await
+        .context("cannot create this worker's dispatch stream")?;
     let worker = Arc::new(Worker {
         models: ModelCache::new(config.models_root.clone(), device)
-            .with_published(storage.clone(), &config.redis_prefix),
+            .with_published(storage.clone(), &config.redis_prefix)
+            .with_capacity(config.model_cache_bytes),
         config,
         queue,
         storage,
         running: Mutex::new(HashMap::new()),
         done: AtomicU64::new(0),
         failed: AtomicU64::new(0),
+        draining: AtomicBool::new(false),
+        batches: AtomicU64::new(0),
+        beat_now: tokio::sync::Notify::new(),
     });
-    tracing::info!(worker = %worker.config.id, concurrency = worker.config.concurrency, device = %worker.config.device, "worker started");
+    tracing::info!(
+        worker = %worker.config.id,
+        concurrency = worker.config.concurrency,
+        max_batch = worker.config.max_batch,
+        device = %worker.config.device,
+        "worker started"
+    );
 
-    let heartbeat = tokio::spawn(heartbeats(worker.clone(), shutdown.clone()));
+    let beats_stop = CancellationToken::new();
+    let heartbeat = tokio::spawn(heartbeats(worker.clone(), beats_stop.clone()));
     let slots = Arc::new(Semaphore::new(worker.config.concurrency));
     let mut in_flight = tokio::task::JoinSet::new();
-    loop {
+    // A restart under the same id (a pod's name) first takes what it held before: one read
+    // of its pending list (a later one would return the tasks this process holds too).
+    let mut pending = true;
+    'read: loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
             p = slots.clone().acquire_owned() => p.context("slot semaphore closed")?,
         };
+        let (me, count) = (&worker.config.id, worker.config.max_batch);
         let read = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = worker.queue.read_tasks(&worker.config.id, 1, Duration::from_secs(2)) => r,
+            r = async {
+                if pending {
+                    worker.queue.pending_tasks(me, 10_000).await
+                } else {
+                    worker.queue.read_tasks(me, count, Duration::from_secs(2)).await
+                }
+            } => r,
         };
         let deliveries = match read {
             Ok(d) => d,
@@ -165,27 +211,143 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
                 continue;
             }
         };
-        let Some(delivery) = deliveries.into_iter().next() else {
-            continue;
-        };
-        let worker = worker.clone();
-        in_flight.spawn(async move {
-            handle(&worker, delivery).await;
-            drop(permit);
-        });
+        pending = false;
+        let mut permit = Some(permit);
+        for batch in batches(&worker, deliveries).await {
+            let permit = match permit.take() {
+                Some(p) => p,
+                // More than one batch key in one read: each further batch waits for a slot.
+                None => slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .context("slot semaphore closed")?,
+            };
+            let worker = worker.clone();
+            in_flight.spawn(async move {
+                handle(&worker, batch).await;
+                drop(permit);
+            });
+            if shutdown.is_cancelled() {
+                break 'read;
+            }
+        }
         while in_flight.try_join_next().is_some() {}
     }
+    // Draining: say so at once, so the coordinator stops placing tasks here; finish the
+    // tasks in hand, then give back those placed here but not started.
+    worker.draining.store(true, Ordering::Relaxed);
+    worker.beat_now.notify_one();
+    let announced = Instant::now();
     tracing::info!(
         in_flight = in_flight.len(),
-        "worker stopping; finishing tasks in hand"
+        "worker draining; finishing tasks in hand"
     );
     while in_flight.join_next().await.is_some() {}
-    heartbeat.abort();
+    // Whatever the coordinator placed before it heard: give it back.
+    if let Some(rest) = DRAIN_SETTLE.checked_sub(announced.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    release_unstarted(&worker).await;
+    // A last heartbeat (still draining, nothing running) before going.
+    worker.beat_now.notify_one();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    beats_stop.cancel();
+    let _ = heartbeat.await;
     Ok(())
 }
 
-async fn heartbeats(worker: Arc<Worker>, shutdown: CancellationToken) {
+/// Gives back every task still waiting in this worker's stream, so it runs elsewhere at once.
+async fn release_unstarted(worker: &Worker) {
     loop {
+        let got = match worker
+            .queue
+            .read_tasks(&worker.config.id, 100, Duration::ZERO)
+            .await
+        {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the tasks to give back; their leases will");
+                return;
+            }
+        };
+        if got.is_empty() {
+            return;
+        }
+        for delivery in got {
+            match delivery.message {
+                Ok(spec) => {
+                    let event = Event::Released {
+                        task: spec.task,
+                        attempt: spec.attempt,
+                        worker: worker.config.id.clone(),
+                    };
+                    if !publish(worker, &event).await {
+                        // The coordinator requeues it once this worker's heartbeats stop.
+                        return;
+                    }
+                    tracing::info!(job = %spec.task.job, index = spec.task.index, "unstarted task given back");
+                    ack(worker, &delivery.id).await;
+                }
+                Err(bad) => {
+                    if let Err(e) = worker
+                        .queue
+                        .dead_letter(Some(&worker.config.id), &bad)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "dead-lettering failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits what one read returned into batches: undecodable messages are dead-lettered, and
+/// tasks with equal batch keys (in order of arrival) share a batch; fine-tuning runs alone.
+async fn batches(worker: &Worker, deliveries: Vec<Delivery<TaskSpec>>) -> Vec<Vec<Held>> {
+    let mut out: Vec<(Option<farm_core::BatchKey>, Vec<Held>)> = Vec::new();
+    for delivery in deliveries {
+        let spec = match delivery.message {
+            Ok(spec) => spec,
+            Err(bad) => {
+                tracing::warn!(id = %bad.id, reason = %bad.reason, "malformed task dead-lettered");
+                if let Err(e) = worker
+                    .queue
+                    .dead_letter(Some(&worker.config.id), &bad)
+                    .await
+                {
+                    tracing::warn!(error = %e, "dead-lettering failed");
+                }
+                continue;
+            }
+        };
+        let key = spec.batch_key();
+        let held = Held {
+            id: delivery.id,
+            spec,
+        };
+        let max = worker.config.max_batch.max(1);
+        match out
+            .iter_mut()
+            .find(|(k, b)| key.is_some() && *k == key && b.len() < max)
+        {
+            Some((_, batch)) => batch.push(held),
+            None => out.push((key, vec![held])),
+        }
+    }
+    out.into_iter().map(|(_, b)| b).collect()
+}
+
+/// A task read from this worker's stream: its message id and spec.
+struct Held {
+    id: String,
+    spec: TaskSpec,
+}
+
+async fn heartbeats(worker: Arc<Worker>, stop: CancellationToken) {
+    loop {
+        let cache = worker.models.state();
         let info = WorkerInfo {
             worker: worker.config.id.clone(),
             hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -193,7 +355,7 @@ async fn heartbeats(worker: Arc<Worker>, shutdown: CancellationToken) {
                 .unwrap_or_default(),
             device: worker.config.device.clone(),
             concurrency: worker.config.concurrency as u32,
-            models: worker.models.loaded(),
+            models: cache.models.iter().map(|(k, _)| k.clone()).collect(),
             available: worker.models.available(),
             running: worker
                 .running
@@ -202,12 +364,18 @@ async fn heartbeats(worker: Arc<Worker>, shutdown: CancellationToken) {
                 .unwrap_or_default(),
             tasks_done: worker.done.load(Ordering::Relaxed),
             tasks_failed: worker.failed.load(Ordering::Relaxed),
+            max_batch: worker.config.max_batch as u32,
+            capabilities: worker.config.capabilities.clone(),
+            cache,
+            draining: worker.draining.load(Ordering::Relaxed),
+            batches: worker.batches.load(Ordering::Relaxed),
         };
         if let Err(e) = worker.queue.publish(&Event::Heartbeat(info)).await {
             tracing::warn!(error = %e, "heartbeat failed");
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
+            _ = worker.beat_now.notified() => {}
             _ = tokio::time::sleep(HEARTBEAT) => {}
         }
     }
@@ -249,82 +417,136 @@ impl TaskError {
     }
 }
 
-async fn handle(worker: &Arc<Worker>, delivery: Delivery<TaskSpec>) {
-    let spec = match delivery.message {
-        Ok(spec) => spec,
-        Err(bad) => {
-            tracing::warn!(id = %bad.id, reason = %bad.reason, "malformed task dead-lettered");
-            if let Err(e) = worker.queue.dead_letter(true, &bad).await {
-                tracing::warn!(error = %e, "dead-lettering failed");
-            }
-            return;
+/// What became of one task; cloneable, so one failure of a batch's shared work (loading
+/// its model, say) is every task's.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Done {
+        object_key: String,
+        sha256: String,
+        size_bytes: u64,
+        timings: Timings,
+    },
+    Cancelled,
+    Failed {
+        error: String,
+        retryable: bool,
+    },
+}
+
+impl From<Result<(String, String, u64, Timings), TaskError>> for Outcome {
+    fn from(r: Result<(String, String, u64, Timings), TaskError>) -> Self {
+        match r {
+            Ok((object_key, sha256, size_bytes, timings)) => Outcome::Done {
+                object_key,
+                sha256,
+                size_bytes,
+                timings,
+            },
+            Err(TaskError::Cancelled) => Outcome::Cancelled,
+            Err(e) => Outcome::Failed {
+                retryable: e.retryable(),
+                error: e.to_string(),
+            },
         }
+    }
+}
+
+/// Runs one batch (often of one task): drops tasks of cancelled jobs, reports each task
+/// started, renders them together, then reports and acknowledges each.
+async fn handle(worker: &Arc<Worker>, batch: Vec<Held>) {
+    let mut live = Vec::with_capacity(batch.len());
+    for held in batch {
+        match worker.queue.is_cancelled(held.spec.task.job).await {
+            Ok(true) => {
+                tracing::info!(job = %held.spec.task.job, index = held.spec.task.index, "job cancelled before start; skipping");
+                ack(worker, &held.id).await;
+            }
+            Ok(false) => live.push(held),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check cancellation");
+                live.push(held);
+            }
+        }
+    }
+    let Some(first) = live.first() else {
+        return;
     };
-    let span = tracing::info_span!("task", job = %spec.task.job, index = spec.task.index, attempt = %spec.attempt, seed = spec.seed);
+    let span = tracing::info_span!(
+        "batch",
+        size = live.len(),
+        job = %first.spec.task.job,
+        first_index = first.spec.task.index
+    );
     async {
         let id = worker.config.id.clone();
-        let (task, attempt) = (spec.task, spec.attempt);
-        match worker.queue.is_cancelled(task.job).await {
-            Ok(true) => {
-                tracing::info!("job cancelled before start; skipping");
-                ack(worker, &delivery.id).await;
-                return;
-            }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot check cancellation"),
-        }
-        publish(
-            worker,
-            &Event::Started {
-                task,
-                attempt,
-                worker: id.clone(),
-            },
-        )
-        .await;
-        if let Ok(mut running) = worker.running.lock() {
-            running.insert(task, attempt);
-        }
-        let outcome = execute(worker, &spec).await;
-        if let Ok(mut running) = worker.running.lock() {
-            running.remove(&task);
-        }
-        let event = match outcome {
-            Ok((object_key, sha256, size_bytes, timings)) => {
-                worker.done.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(key = %object_key, render_ms = timings.render_ms, "task succeeded");
-                Event::Succeeded {
+        for held in &live {
+            let (task, attempt) = (held.spec.task, held.spec.attempt);
+            publish(
+                worker,
+                &Event::Started {
                     task,
                     attempt,
-                    worker: id,
+                    worker: id.clone(),
+                },
+            )
+            .await;
+            if let Ok(mut running) = worker.running.lock() {
+                running.insert(task, attempt);
+            }
+        }
+        let specs: Vec<&TaskSpec> = live.iter().map(|h| &h.spec).collect();
+        worker.batches.fetch_add(1, Ordering::Relaxed);
+        let outcomes = execute(worker, &specs).await;
+        for (held, outcome) in live.iter().zip(outcomes) {
+            let (task, attempt) = (held.spec.task, held.spec.attempt);
+            let span = tracing::info_span!("task", job = %task.job, index = task.index, %attempt, seed = held.spec.seed);
+            let _enter = span.enter();
+            if let Ok(mut running) = worker.running.lock() {
+                running.remove(&task);
+            }
+            let event = match outcome {
+                Outcome::Done {
                     object_key,
                     sha256,
                     size_bytes,
                     timings,
+                } => {
+                    worker.done.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(key = %object_key, render_ms = timings.render_ms, "task succeeded");
+                    Event::Succeeded {
+                        task,
+                        attempt,
+                        worker: id.clone(),
+                        object_key,
+                        sha256,
+                        size_bytes,
+                        timings,
+                    }
                 }
-            }
-            Err(TaskError::Cancelled) => {
-                tracing::info!("task cancelled");
-                ack(worker, &delivery.id).await;
-                return;
-            }
-            Err(e) => {
-                worker.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, retryable = e.retryable(), "task failed");
-                Event::Failed {
-                    task,
-                    attempt,
-                    worker: id,
-                    error: e.to_string(),
-                    retryable: e.retryable(),
+                Outcome::Cancelled => {
+                    tracing::info!("task cancelled");
+                    ack(worker, &held.id).await;
+                    continue;
                 }
+                Outcome::Failed { error, retryable } => {
+                    worker.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, retryable, "task failed");
+                    Event::Failed {
+                        task,
+                        attempt,
+                        worker: id.clone(),
+                        error,
+                        retryable,
+                    }
+                }
+            };
+            if publish(worker, &event).await {
+                ack(worker, &held.id).await;
             }
-        };
-        if publish(worker, &event).await {
-            ack(worker, &delivery.id).await;
+            // If the result could not be published, the message stays unacknowledged and
+            // the task's lease brings it back.
         }
-        // If the result could not be published, the message stays unacknowledged and the
-        // task's lease brings it back.
     }
     .instrument(span)
     .await
@@ -346,7 +568,11 @@ async fn publish(worker: &Worker, event: &Event) -> bool {
 }
 
 async fn ack(worker: &Worker, id: &str) {
-    if let Err(e) = worker.queue.ack_tasks(&[id.to_string()]).await {
+    if let Err(e) = worker
+        .queue
+        .ack_tasks(&worker.config.id, &[id.to_string()])
+        .await
+    {
         tracing::warn!(error = %e, "ack failed");
     }
 }
@@ -375,52 +601,108 @@ pub(crate) fn cancel_poller(
     CancellationToken,
     tokio::task::JoinHandle<()>,
 ) {
-    let cancelled = Arc::new(AtomicBool::new(false));
+    let (all, _, stop, handle) = cancel_poller_many(worker, vec![job]);
+    (all, stop, handle)
+}
+
+type JobSet = Arc<Mutex<std::collections::HashSet<farm_core::JobId>>>;
+
+/// Polls the cancel marks of a batch's jobs until stopped: collects the cancelled jobs, and
+/// sets the flag (read between steps) once every job is cancelled.
+fn cancel_poller_many(
+    worker: &Worker,
+    mut jobs: Vec<farm_core::JobId>,
+) -> (
+    Arc<AtomicBool>,
+    JobSet,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    jobs.sort_by_key(|j| j.0);
+    jobs.dedup();
+    let all = Arc::new(AtomicBool::new(false));
+    let cancelled: JobSet = Arc::default();
     let stop = CancellationToken::new();
-    let (queue, flag, token) = (worker.queue.clone(), cancelled.clone(), stop.clone());
+    let (queue, flag, set, token) = (
+        worker.queue.clone(),
+        all.clone(),
+        cancelled.clone(),
+        stop.clone(),
+    );
     let handle = tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = token.cancelled() => return,
                 _ = tokio::time::sleep(CANCEL_POLL) => {}
             }
-            if let Ok(true) = queue.is_cancelled(job).await {
+            for job in &jobs {
+                if let Ok(true) = queue.is_cancelled(*job).await {
+                    if let Ok(mut set) = set.lock() {
+                        set.insert(*job);
+                    }
+                }
+            }
+            let every = set.lock().map(|s| s.len() == jobs.len()).unwrap_or(false);
+            if every {
                 flag.store(true, Ordering::Relaxed);
                 return;
             }
         }
     });
-    (cancelled, stop, handle)
+    (all, cancelled, stop, handle)
 }
 
-async fn execute(
-    worker: &Arc<Worker>,
-    spec: &TaskSpec,
-) -> Result<(String, String, u64, Timings), TaskError> {
-    if let Some(train) = &spec.train {
-        return finetune::execute(worker, spec, train).await;
+/// Renders a batch of tasks with equal batch keys (or one fine-tuning task); one outcome
+/// per task, in order.
+async fn execute(worker: &Arc<Worker>, specs: &[&TaskSpec]) -> Vec<Outcome> {
+    let Some(first) = specs.first() else {
+        return Vec::new();
+    };
+    if let (Some(train), 1) = (&first.train, specs.len()) {
+        return vec![finetune::execute(worker, first, train).await.into()];
     }
     if worker.config.pipeline == Pipeline::Null {
-        return execute_null(worker, spec).await;
+        let mut out = Vec::with_capacity(specs.len());
+        for spec in specs {
+            out.push(execute_null(worker, spec).await.into());
+        }
+        return out;
     }
+    match render(worker, specs).await {
+        Ok(outcomes) => outcomes,
+        Err(e) => vec![Outcome::from(Err(e)); specs.len()],
+    }
+}
+
+/// Stable Diffusion for a batch: loads the model and inputs once, renders every image in one
+/// `generate_batch`, then encodes and uploads each. An error here is the whole batch's.
+async fn render(worker: &Arc<Worker>, specs: &[&TaskSpec]) -> Result<Vec<Outcome>, TaskError> {
+    let first = specs[0];
     let started = Instant::now();
-    let model = worker.models.get(&spec.model, spec.vae.as_deref()).await?;
-    let init_image = match &spec.init_image {
+    let model = worker
+        .models
+        .get(&first.model, first.vae.as_deref())
+        .await?;
+    let init_image = match &first.init_image {
         Some(key) => Some(input_image(worker, key).await?),
         None => None,
     };
-    let mask = match &spec.mask {
+    let mask = match &first.mask {
         Some(key) => Some(input_image(worker, key).await?),
         None => None,
     };
     let load_ms = started.elapsed().as_millis() as u64;
 
-    // Cancellation: a poller flips a flag that the render loop reads between steps.
-    let (cancelled, stop_polling, poller) = cancel_poller(worker, spec.task.job);
-    // Progress: the render thread sends every step; this task forwards them throttled.
+    // Cancellation: a poller flips a flag, read between steps, once every job is cancelled;
+    // a batch with some jobs still wanted runs on and drops the cancelled ones' images.
+    let (all_cancelled, cancelled_jobs, stop_polling, poller) =
+        cancel_poller_many(worker, specs.iter().map(|s| s.task.job).collect());
+    // Progress: the render thread sends every step; this task forwards them throttled, for
+    // every task of the batch.
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
     let forwarder = {
-        let (worker, task, attempt) = (worker.clone(), spec.task, spec.attempt);
+        let worker = worker.clone();
+        let tasks: Vec<(TaskRef, Attempt)> = specs.iter().map(|s| (s.task, s.attempt)).collect();
         tokio::spawn(async move {
             let min_gap = Duration::from_secs(1) / PROGRESS_PER_SEC;
             let mut last: Option<Instant> = None;
@@ -430,64 +712,106 @@ async fn execute(
                     continue;
                 }
                 last = Some(Instant::now());
-                let event = Event::Progress {
-                    task,
-                    attempt,
-                    worker: worker.config.id.clone(),
-                    step: step as u32,
-                    total_steps: total as u32,
-                    loss: None,
-                };
-                if let Err(e) = worker.queue.publish(&event).await {
-                    tracing::debug!(error = %e, "progress event dropped");
+                for (task, attempt) in &tasks {
+                    let event = Event::Progress {
+                        task: *task,
+                        attempt: *attempt,
+                        worker: worker.config.id.clone(),
+                        step: step as u32,
+                        total_steps: total as u32,
+                        loss: None,
+                    };
+                    if let Err(e) = worker.queue.publish(&event).await {
+                        tracing::debug!(error = %e, "progress event dropped");
+                    }
                 }
             }
         })
     };
 
     let request = Request {
-        mode: models::mode(spec.mode),
-        prompt: spec.prompt.clone(),
-        negative_prompt: spec.negative_prompt.clone(),
-        width: spec.width as usize,
-        height: spec.height as usize,
-        steps: spec.steps as usize,
-        guidance_scale: spec.guidance_scale,
-        scheduler: models::scheduler(spec.scheduler),
-        seed: spec.seed,
-        num_images: 1,
-        strength: spec.strength,
+        mode: models::mode(first.mode),
+        width: first.width as usize,
+        height: first.height as usize,
+        steps: first.steps as usize,
+        guidance_scale: first.guidance_scale,
+        scheduler: models::scheduler(first.scheduler),
+        strength: first.strength,
         init_image,
         mask,
-        noise: None,
-        vae_noise: None,
+        ..Request::default()
     };
+    let items: Vec<BatchItem> = specs
+        .iter()
+        .map(|s| BatchItem {
+            prompt: s.prompt.clone(),
+            negative_prompt: s.negative_prompt.clone(),
+            seed: s.seed,
+        })
+        .collect();
     let render_started = Instant::now();
-    let flag = cancelled.clone();
+    let flag = all_cancelled.clone();
     let rendered = tokio::task::spawn_blocking(move || {
         let mut on_step = |step: usize, total: usize| {
             let _ = progress_tx.send((step, total));
             !flag.load(Ordering::Relaxed)
         };
-        model.generate(&request, &mut on_step)
+        model.generate_batch(&request, &items, &mut on_step)
     })
     .await;
     stop_polling.cancel();
     let _ = poller.await;
     let _ = forwarder.await;
-    let image = match rendered? {
-        Ok(mut images) if !images.is_empty() => images.swap_remove(0),
-        Ok(_) => {
-            return Err(TaskError::Render(DiffusionError::InvalidInput(
-                "no image rendered".into(),
-            )))
+    let images = match rendered? {
+        Ok(images) if images.len() == specs.len() => images,
+        Ok(images) => {
+            return Err(TaskError::Render(DiffusionError::InvalidInput(format!(
+                "{} images rendered for {} tasks",
+                images.len(),
+                specs.len()
+            ))))
         }
         Err(DiffusionError::Cancelled) => return Err(TaskError::Cancelled),
         Err(e) => return Err(TaskError::Render(e)),
     };
     let render_ms = render_started.elapsed().as_millis() as u64;
+    let cancelled = cancelled_jobs.lock().map(|s| s.clone()).unwrap_or_default();
 
-    let png = png::encode(&image, &png::Parameters::of(spec))
+    let mut outcomes = Vec::with_capacity(specs.len());
+    for (spec, image) in specs.iter().zip(images) {
+        if cancelled.contains(&spec.task.job) {
+            outcomes.push(Outcome::Cancelled);
+            continue;
+        }
+        outcomes.push(
+            upload(worker, spec, &image)
+                .await
+                .map(|(sha256, size, upload_ms)| {
+                    (
+                        spec.object_key.clone(),
+                        sha256,
+                        size,
+                        Timings {
+                            load_ms,
+                            render_ms,
+                            upload_ms,
+                        },
+                    )
+                })
+                .into(),
+        );
+    }
+    Ok(outcomes)
+}
+
+/// Encodes one rendered image as PNG with its parameters and uploads it: (sha256, bytes,
+/// upload ms).
+async fn upload(
+    worker: &Worker,
+    spec: &TaskSpec,
+    image: &RgbImage,
+) -> Result<(String, u64, u64), TaskError> {
+    let png = png::encode(image, &png::Parameters::of(spec))
         .map_err(|e| TaskError::Encode(e.to_string()))?;
     let sha256 = hex::encode(Sha256::digest(&png));
     let size = png.len() as u64;
@@ -496,17 +820,7 @@ async fn execute(
         .storage
         .put_with_retry(&spec.object_key, Bytes::from(png), UPLOAD_TRIES)
         .await?;
-    let upload_ms = upload_started.elapsed().as_millis() as u64;
-    Ok((
-        spec.object_key.clone(),
-        sha256,
-        size,
-        Timings {
-            load_ms,
-            render_ms,
-            upload_ms,
-        },
-    ))
+    Ok((sha256, size, upload_started.elapsed().as_millis() as u64))
 }
 
 /// The `null` pipeline's image: an 8×8 grey PNG, encoded once.

@@ -1,4 +1,7 @@
-//! The worker's model cache: each model folder is loaded once and shared by every slot.
+//! The worker's model cache: each model folder is loaded once and shared by every slot. With
+//! a capacity (`--model-cache-bytes`) the least recently used models are evicted to make room;
+//! loads and evictions are counted and reported in heartbeats, so the coordinator can route
+//! tasks to workers that already hold their model.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -6,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use farm_core::SchedulerName;
 use farm_diffusion::{DType, Device, SchedulerKind, StableDiffusion};
+use farm_queue::CacheState;
 use farm_storage::Storage;
 use tokio::sync::OnceCell;
 
@@ -27,10 +31,28 @@ impl ModelError {
 
 type Slot = Arc<OnceCell<Arc<StableDiffusion>>>;
 
+#[derive(Default)]
+struct Entry {
+    slot: Slot,
+    /// Weight bytes once loaded.
+    bytes: u64,
+    /// When it was last asked for (a counter, for LRU).
+    used_at: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    models: HashMap<String, Entry>,
+    clock: u64,
+    loads: u64,
+    evictions: u64,
+}
+
 pub struct ModelCache {
     root: PathBuf,
     device: Device,
-    models: Mutex<HashMap<String, Slot>>,
+    capacity: Option<u64>,
+    inner: Mutex<Inner>,
     published: Option<(Storage, String)>,
 }
 
@@ -39,8 +61,75 @@ impl ModelCache {
         ModelCache {
             root,
             device,
-            models: Mutex::new(HashMap::new()),
+            capacity: None,
+            inner: Mutex::new(Inner::default()),
             published: None,
+        }
+    }
+
+    /// Keeps at most `bytes` of models loaded (a model larger than that is still loaded,
+    /// alone), evicting the least recently used.
+    pub fn with_capacity(mut self, bytes: Option<u64>) -> Self {
+        self.capacity = bytes;
+        self
+    }
+
+    /// What the cache holds, for heartbeats.
+    pub fn state(&self) -> CacheState {
+        let Ok(inner) = self.inner.lock() else {
+            return CacheState::default();
+        };
+        let mut models: Vec<(String, u64)> = inner
+            .models
+            .iter()
+            .filter(|(_, e)| e.slot.initialized())
+            .map(|(k, e)| (k.clone(), e.bytes))
+            .collect();
+        models.sort();
+        CacheState {
+            capacity: self.capacity,
+            used: models.iter().map(|(_, b)| b).sum(),
+            models,
+            loads: inner.loads,
+            evictions: inner.evictions,
+        }
+    }
+
+    /// Records a finished load of `key`, then evicts least recently used models until the
+    /// cache fits its capacity again (never `key` itself).
+    fn loaded_now(&self, key: &str, bytes: u64) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        inner.loads += 1;
+        if let Some(e) = inner.models.get_mut(key) {
+            e.bytes = bytes;
+        }
+        let Some(capacity) = self.capacity else {
+            return;
+        };
+        loop {
+            let used: u64 = inner
+                .models
+                .iter()
+                .filter(|(k, e)| e.slot.initialized() || k.as_str() == key)
+                .map(|(_, e)| e.bytes)
+                .sum();
+            if used <= capacity {
+                return;
+            }
+            let victim = inner
+                .models
+                .iter()
+                .filter(|(k, e)| k.as_str() != key && e.slot.initialized())
+                .min_by_key(|(_, e)| e.used_at)
+                .map(|(k, _)| k.clone());
+            let Some(victim) = victim else {
+                return;
+            };
+            inner.models.remove(&victim);
+            inner.evictions += 1;
+            tracing::info!(model = %victim, for_model = key, "model evicted from the cache");
         }
     }
 
@@ -130,16 +219,7 @@ impl ModelCache {
 
     /// Names of the models loaded now.
     pub fn loaded(&self) -> Vec<String> {
-        let Ok(models) = self.models.lock() else {
-            return Vec::new();
-        };
-        let mut names: Vec<String> = models
-            .iter()
-            .filter(|(_, slot)| slot.initialized())
-            .map(|(name, _)| name.clone())
-            .collect();
-        names.sort();
-        names
+        self.state().models.into_iter().map(|(k, _)| k).collect()
     }
 
     /// The loaded model `name` (with the VAE of model folder `vae`, when given), loading it on
@@ -149,16 +229,17 @@ impl ModelCache {
         name: &str,
         vae: Option<&str>,
     ) -> Result<Arc<StableDiffusion>, ModelError> {
-        let cache_key = match vae {
-            Some(v) => format!("{name}+vae:{v}"),
-            None => name.to_string(),
-        };
+        let cache_key = farm_core::model_key(name, vae);
         let slot: Slot = {
-            let mut models = self.models.lock().map_err(|_| ModelError::Load {
+            let mut inner = self.inner.lock().map_err(|_| ModelError::Load {
                 name: name.to_string(),
                 message: "model cache lock poisoned".into(),
             })?;
-            models.entry(cache_key).or_default().clone()
+            inner.clock += 1;
+            let now = inner.clock;
+            let entry = inner.models.entry(cache_key.clone()).or_default();
+            entry.used_at = now;
+            entry.slot.clone()
         };
         let vae_dir = vae.map(|v| self.root.join(v));
         let device = self.device.clone();
@@ -195,8 +276,10 @@ impl ModelCache {
             tracing::info!(
                 model = name,
                 ms = started.elapsed().as_millis() as u64,
+                bytes = loaded.weight_bytes(),
                 "model loaded"
             );
+            self.loaded_now(&cache_key, loaded.weight_bytes());
             Ok(Arc::new(loaded))
         })
         .await

@@ -1,11 +1,12 @@
-//! `farm bench batch`: images/s of the tiny random model against the batch size
-//! (`StableDiffusion::generate` with `num_images` = batch), on the CPU.
+//! `farm bench batch`: images/s of the tiny random model against the batch size, the way a
+//! worker with `--max-batch B` renders: `StableDiffusion::generate_batch` over B tasks with
+//! their own prompts and seeds.
 
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use farm_diffusion::{DType, Device, Request, StableDiffusion};
+use farm_diffusion::{BatchItem, DType, Device, Request, StableDiffusion};
 use serde::Serialize;
 
 use super::{peak_rss_mib, round};
@@ -63,17 +64,22 @@ pub fn run(args: BatchArgs) -> anyhow::Result<()> {
     for &batch in &args.sizes {
         anyhow::ensure!(batch >= 1, "--sizes: batch sizes start at 1");
         let request = Request {
-            prompt: "a benchmark of batches".into(),
             width: args.side,
             height: args.side,
             steps: args.steps,
             guidance_scale: 7.5,
-            seed: 1,
-            num_images: batch,
             ..Default::default()
         };
+        // B tasks as a worker would batch them: each its own prompt and seed.
+        let items: Vec<BatchItem> = (0..batch)
+            .map(|i| BatchItem {
+                prompt: format!("a benchmark of batches, task {i}"),
+                negative_prompt: "blurry".into(),
+                seed: 1 + i as u64,
+            })
+            .collect();
         let go = || -> anyhow::Result<()> {
-            let images = model.generate(&request, &mut |_, _| true)?;
+            let images = model.generate_batch(&request, &items, &mut |_, _| true)?;
             anyhow::ensure!(
                 images.len() == batch,
                 "generate returned {} images",

@@ -370,18 +370,21 @@ async fn raw_roundtrips(redis_url: &str, args: &OrchestrationArgs) -> anyhow::Re
         train: None,
     };
     let mut consumers = tokio::task::JoinSet::new();
-    for w in 0..args.workers {
+    let ids: Vec<WorkerId> = (0..args.workers)
+        .map(|w| WorkerId(format!("raw-{w}")))
+        .collect();
+    for me in ids.iter().cloned() {
         let queue = Queue::connect(redis_url, "bench-raw").await?;
+        queue.ensure_worker_stream(&me).await?;
         let acked = acked.clone();
         consumers.spawn(async move {
-            let me = WorkerId(format!("raw-{w}"));
             let mut acks = tokio::task::JoinSet::new();
             while acked.load(Ordering::Relaxed) < n {
                 let got = queue.read_tasks(&me, 1, Duration::from_millis(100)).await?;
                 for d in got {
-                    let (queue, acked) = (queue.clone(), acked.clone());
+                    let (queue, acked, me) = (queue.clone(), acked.clone(), me.clone());
                     acks.spawn(async move {
-                        queue.ack_tasks(&[d.id]).await?;
+                        queue.ack_tasks(&me, &[d.id]).await?;
                         acked.fetch_add(1, Ordering::Relaxed);
                         anyhow::Ok(())
                     });
@@ -408,8 +411,14 @@ async fn raw_roundtrips(redis_url: &str, args: &OrchestrationArgs) -> anyhow::Re
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
+        // Like the dispatcher: each message to one worker's own stream.
         let batch: Vec<TaskSpec> = (sent..sent + room).map(|i| spec(i as u32)).collect();
-        producer.dispatch(&batch).await?;
+        let placed: Vec<(&WorkerId, &TaskSpec)> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (&ids[(sent as usize + i) % ids.len()], t))
+            .collect();
+        producer.dispatch(&placed).await?;
         sent += room;
     }
     while let Some(done) = consumers.join_next().await {
