@@ -124,6 +124,8 @@ struct Farm {
     http_port: u16,
     coordinator: Option<Proc>,
     workers: Vec<Proc>,
+    /// Workers started so far (names stay unique after some are stopped).
+    started_workers: usize,
     /// An admin token of tenant `e2e`.
     token: String,
     /// Another Postgres than the shared one, when set.
@@ -147,6 +149,7 @@ impl Farm {
             http_port: free_port(),
             coordinator: None,
             workers: Vec::new(),
+            started_workers: 0,
             token: String::new(),
             name_db_url: None,
             env_overrides: Vec::new(),
@@ -248,9 +251,11 @@ impl Farm {
         self.start_worker_with(&[]);
     }
 
-    /// Starts worker `{name}-w{n}` (n counts from 0) with extra flags; returns its id.
+    /// Starts worker `{name}-w{n}` (n counts the workers started, from 0) with extra flags;
+    /// returns its id.
     fn start_worker_with(&mut self, extra: &[&str]) -> String {
-        let id = format!("{}-w{}", self.name, self.workers.len());
+        let id = format!("{}-w{}", self.name, self.started_workers);
+        self.started_workers += 1;
         let child = self
             .command()
             .args(["worker", "--concurrency", "1", "--id", &id])
@@ -1743,6 +1748,8 @@ async fn each_model_stays_on_the_worker_that_holds_it() {
         "{:?}",
         done.tasks
     );
+    farm.wait_worker(&w1, "reports tiny-b loaded", |w| w.models == ["tiny-b"])
+        .await;
 
     // Steady state: jobs of both models, interleaved. Each goes to its model's worker and no
     // worker loads a model again.
@@ -1760,8 +1767,10 @@ async fn each_model_stays_on_the_worker_that_holds_it() {
             ));
         }
     }
+    let mut ended = 0;
     for (model, id) in &ids {
         let done = wait_done(&farm, id, Duration::from_secs(180)).await;
+        ended = ended.max(done.finished_at_ms);
         assert_eq!(done.status, pb::JobStatus::Succeeded as i32, "{done:?}");
         let expected = if *model == "tiny" { &w0 } else { &w1 };
         for task in &done.tasks {
@@ -1773,8 +1782,11 @@ async fn each_model_stays_on_the_worker_that_holds_it() {
         }
     }
     for (id, done) in [(&w0, 2 + 6), (&w1, 2 + 6)] {
+        // A heartbeat sent after the last job ended.
         let w = farm
-            .wait_worker(id, "reports its tasks", |w| w.tasks_done == done)
+            .wait_worker(id, "reports its tasks", |w| {
+                w.tasks_done == done && w.last_seen_ms > ended
+            })
             .await;
         assert_eq!((w.model_loads, w.model_evictions), (1, 0), "{w:?}");
         assert_eq!(w.cache_capacity_bytes, size + size / 2);
@@ -1865,8 +1877,11 @@ async fn batched_tasks_render_the_same_images_as_one_at_a_time() {
         pb::JobStatus::Succeeded as i32,
         "{batched:?}"
     );
+    // A heartbeat sent after the job ended counts every render call.
     let w = farm
-        .wait_worker(&batcher, "reports its tasks", |w| w.tasks_done == 6)
+        .wait_worker(&batcher, "reports its tasks", |w| {
+            w.tasks_done == 6 && w.last_seen_ms > batched.finished_at_ms
+        })
         .await;
     assert!(
         w.batches <= 3,
@@ -1874,14 +1889,26 @@ async fn batched_tasks_render_the_same_images_as_one_at_a_time() {
         w.batches
     );
 
-    // The same job on a worker that renders one task at a time.
-    farm.workers.clear();
+    // The same job on a worker that renders one task at a time. The batcher leaves with
+    // SIGTERM, so nothing is placed on it any more.
+    let mut leaving = farm.workers.remove(0);
+    let pid = leaving.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    tokio::task::spawn_blocking(move || leaving.0.wait().expect("wait"))
+        .await
+        .expect("join");
     let single = farm.start_worker_with(&[]);
     farm.wait_worker(&single, "online", |w| w.online).await;
     let id = submit(&mut client, job, "").await.job.expect("job").id;
     let alone = wait_done(&farm, &id, Duration::from_secs(180)).await;
     let w = farm
-        .wait_worker(&single, "reports its tasks", |w| w.tasks_done == 6)
+        .wait_worker(&single, "reports its tasks", |w| {
+            w.tasks_done == 6 && w.last_seen_ms > alone.finished_at_ms
+        })
         .await;
     assert_eq!(w.batches, 6);
     let s3 = farm.s3.store();

@@ -679,10 +679,15 @@ async fn execute(worker: &Arc<Worker>, specs: &[&TaskSpec]) -> Vec<Outcome> {
 async fn render(worker: &Arc<Worker>, specs: &[&TaskSpec]) -> Result<Vec<Outcome>, TaskError> {
     let first = specs[0];
     let started = Instant::now();
+    let loads = worker.models.state().loads;
     let model = worker
         .models
         .get(&first.model, first.vae.as_deref())
         .await?;
+    if worker.models.state().loads != loads {
+        // Tell the coordinator what this cache holds now, before these tasks end.
+        worker.beat_now.notify_one();
+    }
     let init_image = match &first.init_image {
         Some(key) => Some(input_image(worker, key).await?),
         None => None,
