@@ -17,6 +17,9 @@ const DISPATCH_TICK: Duration = Duration::from_millis(100);
 const REAP_TICK: Duration = Duration::from_secs(1);
 const EVENT_BATCH: usize = 512;
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Tasks are placed only on workers whose last heartbeat (every 2 s) is younger than this
+/// (or than the run lease, when shorter).
+const PLACE_IF_HEARD_WITHIN: Duration = Duration::from_secs(6);
 /// A claimed task whose stream id was not recorded this long after is requeued.
 const UNSENT_AFTER: Duration = Duration::from_secs(15);
 
@@ -50,6 +53,7 @@ pub(crate) async fn dispatcher(
 
 /// The online workers that take new work, with what is placed on them.
 async fn worker_views(shared: &Shared) -> anyhow::Result<Vec<WorkerView>> {
+    let fresh = PLACE_IF_HEARD_WITHIN.min(shared.config.run_lease);
     let mut placed: HashMap<WorkerId, HashMap<String, u32>> = HashMap::new();
     for p in shared.store.placements().await? {
         placed
@@ -62,7 +66,9 @@ async fn worker_views(shared: &Shared) -> anyhow::Result<Vec<WorkerView>> {
         .workers()
         .await?
         .into_iter()
-        .filter(|w| w.online && !w.info.draining)
+        // Only workers heard from lately: one silent for a few heartbeats, or longer than a
+        // run lease (its running task was just requeued), is likely dead.
+        .filter(|w| w.online && !w.info.draining && w.silent_for < fresh)
         .map(|w| {
             let info = w.info;
             WorkerView {

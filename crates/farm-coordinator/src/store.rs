@@ -97,6 +97,8 @@ pub struct WorkerRow {
     pub info: WorkerInfo,
     pub running: u32,
     pub last_seen: DateTime<Utc>,
+    /// How long ago `last_seen` was, by the database's clock.
+    pub silent_for: Duration,
     pub online: bool,
 }
 
@@ -1008,7 +1010,8 @@ impl Store {
     pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
         let rows = sqlx::query(
             "SELECT id, hostname, device, concurrency, running, models, available, tasks_done, tasks_failed,
-                    state, draining, last_seen, last_seen > now() - make_interval(secs => $1) AS online
+                    state, draining, last_seen, last_seen > now() - make_interval(secs => $1) AS online,
+                    extract(epoch FROM now() - last_seen)::float8 AS silent_secs
              FROM workers ORDER BY id",
         )
         .bind(WORKER_ONLINE_SECS as f64)
@@ -1037,6 +1040,9 @@ impl Store {
                     },
                     running: r.try_get::<i32, _>("running")? as u32,
                     last_seen: r.try_get("last_seen")?,
+                    silent_for: Duration::from_secs_f64(
+                        r.try_get::<f64, _>("silent_secs")?.max(0.0),
+                    ),
                     online: r.try_get("online")?,
                 })
             })

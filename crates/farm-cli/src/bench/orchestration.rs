@@ -373,7 +373,7 @@ async fn raw_roundtrips(redis_url: &str, args: &OrchestrationArgs) -> anyhow::Re
     let ids: Vec<WorkerId> = (0..args.workers)
         .map(|w| WorkerId(format!("raw-{w}")))
         .collect();
-    for me in ids.iter().cloned() {
+    for me in ids.clone() {
         let queue = Queue::connect(redis_url, "bench-raw").await?;
         queue.ensure_worker_stream(&me).await?;
         let acked = acked.clone();
