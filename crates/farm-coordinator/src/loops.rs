@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use farm_core::{JobId, JobSpec, TaskRef, TaskSpec, WorkerId};
 use farm_queue::Event;
@@ -31,13 +31,14 @@ pub(crate) async fn dispatcher(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut specs: HashMap<JobId, Arc<JobSpec>> = HashMap::new();
+    let mut last = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = shared.dispatch_now.notified() => {}
             _ = tokio::time::sleep(DISPATCH_TICK) => {}
         }
-        match dispatch_once(&shared, &mut specs).await {
+        match dispatch_once(&shared, &mut specs, &mut last).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(n, "dispatched"),
             Err(e) => {
@@ -87,6 +88,7 @@ async fn worker_views(shared: &Shared) -> anyhow::Result<Vec<WorkerView>> {
 async fn dispatch_once(
     shared: &Shared,
     specs: &mut HashMap<JobId, Arc<JobSpec>>,
+    last: &mut Instant,
 ) -> anyhow::Result<usize> {
     let workers = worker_views(shared).await?;
     let room: u32 = workers
@@ -99,9 +101,19 @@ async fn dispatch_once(
     if room == 0 {
         return Ok(0);
     }
+    // A trickle of room (a few tasks just ended) waits for the next tick, so each round
+    // places a batch worth its queries.
+    let prefetch: u32 = workers
+        .iter()
+        .map(|w| 2 * w.concurrency.max(1) * w.max_batch.max(1))
+        .sum();
+    if room.saturating_mul(8) < prefetch && last.elapsed() < DISPATCH_TICK {
+        return Ok(0);
+    }
+    *last = Instant::now();
     // Look past the head of the queue: tasks waiting for a busy worker's model must not
     // keep an idle worker idle.
-    let limit = (room.saturating_mul(4) + 16).min(4000);
+    let limit = (room + room / 4 + 16).min(4000);
     let candidates = shared.store.candidates(limit, shared.config.ageing).await?;
     if candidates.is_empty() {
         return Ok(0);
