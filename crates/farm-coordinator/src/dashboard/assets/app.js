@@ -473,7 +473,7 @@ async function workersPage(main) {
   const live = new Map(); // worker -> Map(job:index -> {step, total, at, rate, job, index})
   main.replaceChildren(h('h1', { text: 'Workers' }),
     h('table', { 'data-testid': 'workers' },
-      h('thead', {}, h('tr', {}, ['Worker', 'Status', 'Device', 'Loaded models', 'Current task', 'Last heartbeat', 'Slots', 'Done', 'Failures']
+      h('thead', {}, h('tr', {}, ['Worker', 'Status', 'Device', 'Loaded models', 'Current task', 'Last heartbeat', 'Slots', 'Batch', 'Done', 'Failures']
         .map((t) => h('th', { text: t })))),
       body));
   let workers = [];
@@ -499,15 +499,18 @@ async function workersPage(main) {
   const render = () => {
     body.replaceChildren(...(workers.length ? workers.map((w) => h('tr', { 'data-worker': w.id },
       h('td', {}, h('div', { class: 'mono', text: w.id }), h('div', { class: 'muted', text: w.hostname })),
-      h('td', {}, badge(w.online ? 'online' : 'offline')),
+      h('td', {}, badge(w.online ? (w.draining ? 'draining' : 'online') : 'offline')),
       h('td', { class: 'mono', text: w.device }),
-      h('td', { class: 'mono', text: (w.models || []).join(', ') || '—', title: `can load: ${(w.available || []).join(', ')}` }),
+      h('td', { class: 'mono', text: (w.models || []).join(', ') || '—',
+        title: `can load: ${(w.available || []).join(', ')}\nloads: ${w.model_loads}, evictions: ${w.model_evictions}` +
+          `\ncache: ${(w.cache_used_bytes / 2 ** 20).toFixed(0)} MiB of ${w.cache_capacity_bytes ? (w.cache_capacity_bytes / 2 ** 20).toFixed(0) + ' MiB' : 'no limit'}` }),
       h('td', { class: 'current' }, current(w)),
       h('td', { text: fmtAge(w.last_seen_secs) }),
       h('td', { class: 'num', text: `${w.running}/${w.concurrency}` }),
+      h('td', { class: 'num', text: w.max_batch, title: `${w.batches} render calls for ${w.tasks_done} tasks` }),
       h('td', { class: 'num', text: w.tasks_done }),
       h('td', { class: 'num', text: w.tasks_failed })))
-      : [h('tr', {}, h('td', { class: 'empty', colspan: 9, text: 'No worker has sent a heartbeat yet.' }))]));
+      : [h('tr', {}, h('td', { class: 'empty', colspan: 10, text: 'No worker has sent a heartbeat yet.' }))]));
   };
   const load = async () => {
     const data = await api('/api/workers');
