@@ -282,12 +282,12 @@ async fn release_unstarted(worker: &Worker) {
                         attempt: spec.attempt,
                         worker: worker.config.id.clone(),
                     };
-                    if !publish(worker, &event).await {
+                    if !publish(worker, std::slice::from_ref(&event)).await {
                         // The coordinator requeues it once this worker's heartbeats stop.
                         return;
                     }
                     tracing::info!(job = %spec.task.job, index = spec.task.index, "unstarted task given back");
-                    ack(worker, &delivery.id).await;
+                    ack(worker, &[delivery.id]).await;
                 }
                 Err(bad) => {
                     if let Err(e) = worker
@@ -456,17 +456,25 @@ impl From<Result<(String, String, u64, Timings), TaskError>> for Outcome {
 /// started, renders them together, then reports and acknowledges each.
 async fn handle(worker: &Arc<Worker>, batch: Vec<Held>) {
     let mut live = Vec::with_capacity(batch.len());
+    let mut cancelled: HashMap<farm_core::JobId, bool> = HashMap::new();
     for held in batch {
-        match worker.queue.is_cancelled(held.spec.task.job).await {
-            Ok(true) => {
-                tracing::info!(job = %held.spec.task.job, index = held.spec.task.index, "job cancelled before start; skipping");
-                ack(worker, &held.id).await;
+        let job = held.spec.task.job;
+        let is_cancelled = match cancelled.get(&job) {
+            Some(c) => *c,
+            None => {
+                let c = worker.queue.is_cancelled(job).await.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot check cancellation");
+                    false
+                });
+                cancelled.insert(job, c);
+                c
             }
-            Ok(false) => live.push(held),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot check cancellation");
-                live.push(held);
-            }
+        };
+        if is_cancelled {
+            tracing::info!(%job, index = held.spec.task.index, "job cancelled before start; skipping");
+            ack(worker, &[held.id]).await;
+        } else {
+            live.push(held);
         }
     }
     let Some(first) = live.first() else {
@@ -480,24 +488,25 @@ async fn handle(worker: &Arc<Worker>, batch: Vec<Held>) {
     );
     async {
         let id = worker.config.id.clone();
-        for held in &live {
-            let (task, attempt) = (held.spec.task, held.spec.attempt);
-            publish(
-                worker,
-                &Event::Started {
-                    task,
-                    attempt,
-                    worker: id.clone(),
-                },
-            )
-            .await;
-            if let Ok(mut running) = worker.running.lock() {
-                running.insert(task, attempt);
+        let started: Vec<Event> = live
+            .iter()
+            .map(|held| Event::Started {
+                task: held.spec.task,
+                attempt: held.spec.attempt,
+                worker: id.clone(),
+            })
+            .collect();
+        publish(worker, &started).await;
+        if let Ok(mut running) = worker.running.lock() {
+            for held in &live {
+                running.insert(held.spec.task, held.spec.attempt);
             }
         }
         let specs: Vec<&TaskSpec> = live.iter().map(|h| &h.spec).collect();
         worker.batches.fetch_add(1, Ordering::Relaxed);
         let outcomes = execute(worker, &specs).await;
+        // Every result of the batch goes out in one round trip, then one acknowledgement.
+        let (mut results, mut handled, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
         for (held, outcome) in live.iter().zip(outcomes) {
             let (task, attempt) = (held.spec.task, held.spec.attempt);
             let span = tracing::info_span!("task", job = %task.job, index = task.index, %attempt, seed = held.spec.seed);
@@ -526,7 +535,7 @@ async fn handle(worker: &Arc<Worker>, batch: Vec<Held>) {
                 }
                 Outcome::Cancelled => {
                     tracing::info!("task cancelled");
-                    ack(worker, &held.id).await;
+                    dropped.push(held.id.clone());
                     continue;
                 }
                 Outcome::Failed { error, retryable } => {
@@ -541,21 +550,25 @@ async fn handle(worker: &Arc<Worker>, batch: Vec<Held>) {
                     }
                 }
             };
-            if publish(worker, &event).await {
-                ack(worker, &held.id).await;
-            }
-            // If the result could not be published, the message stays unacknowledged and
-            // the task's lease brings it back.
+            results.push(event);
+            handled.push(held.id.clone());
         }
+        ack(worker, &dropped).await;
+        if publish(worker, &results).await {
+            ack(worker, &handled).await;
+        }
+        // If the results could not be published, the messages stay unacknowledged and the
+        // tasks' leases bring them back.
     }
     .instrument(span)
     .await
 }
 
-async fn publish(worker: &Worker, event: &Event) -> bool {
+/// Publishes events (in one round trip), retrying with backoff; false if it gave up.
+async fn publish(worker: &Worker, events: &[Event]) -> bool {
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=5 {
-        match worker.queue.publish(event).await {
+        match worker.queue.publish_all(events).await {
             Ok(()) => return true,
             Err(e) => {
                 tracing::warn!(error = %e, attempt, "publishing event failed");
@@ -567,12 +580,8 @@ async fn publish(worker: &Worker, event: &Event) -> bool {
     false
 }
 
-async fn ack(worker: &Worker, id: &str) {
-    if let Err(e) = worker
-        .queue
-        .ack_tasks(&worker.config.id, &[id.to_string()])
-        .await
-    {
+async fn ack(worker: &Worker, ids: &[String]) {
+    if let Err(e) = worker.queue.ack_tasks(&worker.config.id, ids).await {
         tracing::warn!(error = %e, "ack failed");
     }
 }

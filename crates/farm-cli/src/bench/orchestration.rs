@@ -35,6 +35,9 @@ pub struct OrchestrationArgs {
     /// Slots per worker (the dispatcher keeps about twice the slots queued or running).
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// Each worker's --max-batch: tasks taken per read and reported per round trip.
+    #[arg(long, default_value_t = 1)]
+    pub max_batch: usize,
     /// Single-task jobs submitted one at a time on the idle farm first, for the idle
     /// submit→start latency (0: none).
     #[arg(long, default_value_t = 20)]
@@ -49,6 +52,7 @@ pub struct OrchestrationReport {
     pub tasks: u32,
     pub workers: usize,
     pub concurrency: usize,
+    pub max_batch: usize,
     /// N / (last task's finished_at − the moment SubmitJob was sent).
     pub tasks_per_s: f64,
     /// N / time for N dispatch messages through XADD → XREADGROUP → XACK, same batching.
@@ -213,6 +217,7 @@ async fn measure(
             .command()
             .args(["worker", "--pipeline", "null", "--id", &id])
             .args(["--concurrency", &args.concurrency.to_string()])
+            .args(["--max-batch", &args.max_batch.to_string()])
             .spawn()
             .context("cannot start a worker")?;
         farm.workers.insert(slot, (id, Proc(child)));
@@ -292,6 +297,7 @@ async fn measure(
         tasks: args.tasks,
         workers: args.workers,
         concurrency: args.concurrency,
+        max_batch: args.max_batch,
         tasks_per_s: round(tasks_per_s, 1),
         raw_roundtrips_per_s: round(raw, 1),
         ratio: round(tasks_per_s / raw, 4),
@@ -340,12 +346,14 @@ async fn wait_job(
 }
 
 /// N dispatch messages through Redis as the farm moves them, without Postgres: a producer
-/// XADDs pipelined batches of up to 1000 while fewer than 2x slots are outstanding (the
-/// dispatcher's late binding); W consumers, each on its own connections like a worker
-/// process, XREADGROUP one message at a time and XACK it (+ XDEL, as the worker does).
+/// XADDs pipelined batches of up to 1000, each message to one consumer's own stream, while
+/// fewer than 2 x slots x max-batch are outstanding (the dispatcher's prefetch); W consumers,
+/// each on its own connections like a worker process, XREADGROUP up to max-batch messages at
+/// a time and XACK + XDEL them together, as a worker does per batch.
 async fn raw_roundtrips(redis_url: &str, args: &OrchestrationArgs) -> anyhow::Result<f64> {
     let n = u64::from(args.tasks);
-    let window = (2 * args.workers * args.concurrency) as u64;
+    let window = (2 * args.workers * args.concurrency * args.max_batch.max(1)) as u64;
+    let per_read = args.max_batch.max(1);
     let producer = Queue::connect(redis_url, "bench-raw").await?;
     let acked = Arc::new(AtomicU64::new(0));
     let job = JobId::new();
@@ -380,12 +388,16 @@ async fn raw_roundtrips(redis_url: &str, args: &OrchestrationArgs) -> anyhow::Re
         consumers.spawn(async move {
             let mut acks = tokio::task::JoinSet::new();
             while acked.load(Ordering::Relaxed) < n {
-                let got = queue.read_tasks(&me, 1, Duration::from_millis(100)).await?;
-                for d in got {
+                let got = queue
+                    .read_tasks(&me, per_read, Duration::from_millis(100))
+                    .await?;
+                if !got.is_empty() {
+                    // One acknowledgement per read, like a worker per batch.
+                    let ids: Vec<String> = got.into_iter().map(|d| d.id).collect();
                     let (queue, acked, me) = (queue.clone(), acked.clone(), me.clone());
                     acks.spawn(async move {
-                        queue.ack_tasks(&me, &[d.id]).await?;
-                        acked.fetch_add(1, Ordering::Relaxed);
+                        queue.ack_tasks(&me, &ids).await?;
+                        acked.fetch_add(ids.len() as u64, Ordering::Relaxed);
                         anyhow::Ok(())
                     });
                 }
