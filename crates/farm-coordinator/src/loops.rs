@@ -31,6 +31,7 @@ pub(crate) async fn dispatcher(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut specs: HashMap<JobId, Arc<JobSpec>> = HashMap::new();
+    let mut published: HashMap<String, bool> = HashMap::new();
     let mut last = Instant::now();
     loop {
         tokio::select! {
@@ -38,7 +39,7 @@ pub(crate) async fn dispatcher(
             _ = shared.dispatch_now.notified() => {}
             _ = tokio::time::sleep(DISPATCH_TICK) => {}
         }
-        match dispatch_once(&shared, &mut specs, &mut last).await {
+        match dispatch_once(&shared, &mut specs, &mut published, &mut last).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(n, "dispatched"),
             Err(e) => {
@@ -48,6 +49,7 @@ pub(crate) async fn dispatcher(
         }
         if specs.len() > 10_000 {
             specs.clear();
+            published.clear();
         }
     }
 }
@@ -80,6 +82,7 @@ async fn worker_views(shared: &Shared) -> anyhow::Result<Vec<WorkerView>> {
                 capabilities: info.capabilities,
                 cache_capacity: info.cache.capacity,
                 loaded: info.cache.models,
+                available: info.available,
             }
         })
         .collect())
@@ -88,6 +91,7 @@ async fn worker_views(shared: &Shared) -> anyhow::Result<Vec<WorkerView>> {
 async fn dispatch_once(
     shared: &Shared,
     specs: &mut HashMap<JobId, Arc<JobSpec>>,
+    published: &mut HashMap<String, bool>,
     last: &mut Instant,
 ) -> anyhow::Result<usize> {
     let workers = worker_views(shared).await?;
@@ -130,6 +134,20 @@ async fn dispatch_once(
             specs.insert(id, Arc::new(spec));
         }
     }
+    for c in &candidates {
+        let Some(spec) = specs.get(&c.task.job) else {
+            continue;
+        };
+        if !published.contains_key(&spec.model) {
+            let key = format!(
+                "{}/models/{}/model_index.json",
+                shared.config.redis_prefix, spec.model
+            );
+            // Unknown (storage down): not downloadable, the safe side.
+            let found = shared.storage.exists(&key).await.unwrap_or(false);
+            published.insert(spec.model.clone(), found);
+        }
+    }
     let tasks: Vec<placement::Task> = candidates
         .iter()
         .filter_map(|c| {
@@ -141,6 +159,7 @@ async fn dispatch_once(
                 height: spec.height,
                 batch: spec.batch_key(),
                 waited: c.waited,
+                downloadable: published.get(&spec.model).copied().unwrap_or(false),
             })
         })
         .collect();

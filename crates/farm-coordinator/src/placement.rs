@@ -33,6 +33,9 @@ pub struct WorkerView {
     pub loaded: Vec<(String, u64)>,
     /// Unfinished tasks placed on it, by model key.
     pub placed: HashMap<String, u32>,
+    /// Model folders it has on disk. A model some worker has goes only to workers that have
+    /// it, unless every worker can download it ([`Task::downloadable`]).
+    pub available: Vec<String>,
 }
 
 impl WorkerView {
@@ -51,6 +54,8 @@ pub struct Task {
     /// `None` for fine-tuning: no model to keep warm, no batching.
     pub batch: Option<BatchKey>,
     pub waited: Duration,
+    /// Its model is published in storage (by a finetune job): any worker can fetch it.
+    pub downloadable: bool,
 }
 
 /// Per-worker bookkeeping for one round.
@@ -129,13 +134,19 @@ pub fn place(
         let size = key.as_deref().and_then(|k| sizes.get(k).copied());
         // A model never loaded anywhere is guessed to be as large as the largest known one.
         let estimate = size.or(largest);
+        let model = t.batch.as_ref().map(BatchKey::model);
+        let only_where_on_disk = !t.downloadable
+            && model.is_some_and(|m| workers.iter().any(|w| w.available.iter().any(|a| a == m)));
         let capable: Vec<usize> = (0..slots.len())
             .filter(|&i| {
-                slots[i]
-                    .view
-                    .capabilities
-                    .admits(t.mode, t.width, t.height, size)
-                    .is_ok()
+                let view = slots[i].view;
+                let has_model = !only_where_on_disk
+                    || model.is_some_and(|m| view.available.iter().any(|a| a == m));
+                has_model
+                    && view
+                        .capabilities
+                        .admits(t.mode, t.width, t.height, size)
+                        .is_ok()
             })
             .collect();
         let open: Vec<usize> = capable
@@ -216,6 +227,7 @@ mod tests {
             cache_capacity: capacity,
             loaded: loaded.iter().map(|m| (m.to_string(), MODEL)).collect(),
             placed: HashMap::new(),
+            available: vec!["A".into(), "B".into(), "C".into()],
         }
     }
 
@@ -248,6 +260,7 @@ mod tests {
                 height: 64,
                 batch: Some(key(m, 64)),
                 waited,
+                downloadable: false,
             })
             .collect()
     }
@@ -375,6 +388,26 @@ mod tests {
         };
         let placed = place(&[tiny_gpu, holder], &tasks(&["A"], SPREAD), SPREAD);
         assert!(placed.is_empty(), "{placed:?}");
+    }
+
+    #[test]
+    fn a_model_goes_only_to_workers_that_have_its_folder() {
+        let mut lacking = worker("lacking", &[], None);
+        lacking.available = vec!["A".into()];
+        let having = worker("having", &[], None);
+        let placed = place(
+            &[lacking, having],
+            &tasks(&["B", "B"], Duration::ZERO),
+            SPREAD,
+        );
+        assert_eq!(on(&placed, "having"), vec![0, 1]);
+        // A published model goes anywhere: every worker can download it.
+        let mut lacking = worker("lacking", &[], None);
+        lacking.available = vec!["A".into()];
+        let mut published = tasks(&["B"], Duration::ZERO);
+        published[0].downloadable = true;
+        let placed = place(&[lacking], &published, SPREAD);
+        assert_eq!(on(&placed, "lacking"), vec![0]);
     }
 
     #[test]

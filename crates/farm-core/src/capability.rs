@@ -88,6 +88,11 @@ pub struct BatchKey {
 }
 
 impl BatchKey {
+    /// The model folder's name.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
     /// The model (with its VAE) a worker must hold: the unit of model affinity.
     pub fn model_key(&self) -> String {
         model_key(&self.model, self.vae.as_deref())
