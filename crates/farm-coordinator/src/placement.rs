@@ -3,8 +3,9 @@
 //! Pure: the dispatcher feeds it the online workers (from heartbeats and Postgres) and the
 //! pending tasks in fair-share order, and claims what it places. The rules, in order:
 //!
-//! 1. A task goes only to a worker that admits it ([`Capabilities::admits`]) and has room:
-//!    fewer than `2 × concurrency × max_batch` unfinished tasks placed on it (prefetch).
+//! 1. A task goes only to a worker that admits it ([`Capabilities::admits`]), has its model
+//!    folder (any worker may download a published model) and has room: fewer than
+//!    `2 × concurrency × max_batch` unfinished tasks placed on it (prefetch).
 //! 2. A worker that holds the task's model (loaded, or with tasks of that model already
 //!    placed on it) is preferred; among those, the one already given tasks of the same batch
 //!    key this round (so batches fill), then the one with the most room.
