@@ -71,6 +71,7 @@ pub mod schedulers;
 pub mod tiny;
 pub mod tokenizer;
 pub mod train;
+pub mod unet;
 pub mod vae;
 
 /// candle's tensor crate, for callers that pass noise tensors or read safetensors files.
