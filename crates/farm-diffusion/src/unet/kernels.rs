@@ -201,6 +201,23 @@ unsafe fn matmul_raw(
     accumulate: bool,
     threaded: bool,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if super::sgemm::available() {
+        let a = super::sgemm::Strided {
+            ptr: a.data.as_ptr(),
+            rs: a.rs,
+            cs: a.cs,
+        };
+        let b = super::sgemm::Strided {
+            ptr: b.data.as_ptr(),
+            rs: b.rs,
+            cs: b.cs,
+        };
+        // SAFETY: AVX-512 is available; the operands and destination are as the caller
+        // guarantees.
+        unsafe { super::sgemm::sgemm(m, n, k, a, b, dst, ldd, accumulate, threaded) };
+        return;
+    }
     let t = threads();
     let parallelism = if threaded && t > 1 && m * n * k >= 1 << 18 {
         Parallelism::Rayon(t)
@@ -230,11 +247,73 @@ unsafe fn matmul_raw(
     );
 }
 
-/// A linear layer: `w` is `[in, out]` row-major (the transpose of PyTorch's weight).
+/// A constant `[k, n]` right-hand matrix (weights), packed once for the AVX-512 kernel
+/// where it runs.
+pub(crate) enum Weight {
+    Plain(Vec<f32>),
+    #[cfg(target_arch = "x86_64")]
+    Packed(super::sgemm::PackedB),
+}
+
+impl Weight {
+    /// `w`: `[k, n]` row-major.
+    pub fn new(w: Vec<f32>, k: usize, n: usize) -> Self {
+        assert_eq!(w.len(), k * n, "weight shape");
+        #[cfg(target_arch = "x86_64")]
+        if super::sgemm::available() {
+            let b = super::sgemm::Strided {
+                ptr: w.as_ptr(),
+                rs: n,
+                cs: 1,
+            };
+            // SAFETY: `w` holds k·n elements.
+            return Weight::Packed(unsafe { super::sgemm::PackedB::pack(b, k, n, true) });
+        }
+        Weight::Plain(w)
+    }
+}
+
+/// `dst[m×n] (+)= a[m×k] · w`, `dst` row-major with leading dimension `ldd`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_w(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat<'_>,
+    w: &Weight,
+    dst: &mut [f32],
+    ldd: usize,
+    accumulate: bool,
+) {
+    match w {
+        Weight::Plain(w) => matmul(m, n, k, a, Mat::rows(w, n), dst, ldd, accumulate, true),
+        #[cfg(target_arch = "x86_64")]
+        Weight::Packed(w) => {
+            if m == 0 || n == 0 {
+                return;
+            }
+            assert!(a.fits(m, k), "matmul operand too small");
+            assert!(
+                ldd >= n && (m - 1) * ldd + n <= dst.len(),
+                "matmul destination too small"
+            );
+            let a = super::sgemm::Strided {
+                ptr: a.data.as_ptr(),
+                rs: a.rs,
+                cs: a.cs,
+            };
+            // SAFETY: AVX-512 is available (the weight was packed for it); the asserts keep
+            // every access inside `a` and `dst`, which is borrowed mutably.
+            unsafe { super::sgemm::sgemm_packed(m, a, w, dst.as_mut_ptr(), ldd, accumulate, true) };
+        }
+    }
+}
+
+/// A linear layer: `w` is `[in, out]` (the transpose of PyTorch's weight).
 pub(crate) struct Linear {
     pub inp: usize,
     pub out: usize,
-    pub w: Vec<f32>,
+    pub w: Weight,
     pub bias: Option<Vec<f32>>,
 }
 
@@ -265,25 +344,25 @@ impl Linear {
         dst: &mut [f32],
         accumulate: bool,
     ) {
-        matmul(
+        matmul_w(
             rows,
             self.out,
             self.inp,
             Mat::rows(x, ldx),
-            Mat::rows(&self.w, self.out),
+            &self.w,
             dst,
             self.out,
             accumulate,
-            true,
         );
     }
 
     /// `dst += x · w + bias`, e.g. a projection added onto the residual stream.
-    pub fn accumulate(&self, x: &[f32], rows: usize, dst: &mut Map) {
+    pub fn accumulate(&self, x: &[f32], rows: usize, dst: &mut [f32]) {
         if let Some(bias) = &self.bias {
-            dst.add_row(bias);
+            dst.par_chunks_mut(self.out * ROWS_PER_TASK)
+                .for_each(|r| add_rows(r, bias));
         }
-        self.forward_into(x, rows, self.inp, &mut dst.data, true);
+        self.forward_into(x, rows, self.inp, dst, true);
     }
 }
 
@@ -296,13 +375,14 @@ pub(crate) struct Conv {
     pub stride: usize,
     /// Zero padding before (top, left) and after (bottom, right).
     pub pad: (usize, usize),
-    pub w: Vec<f32>,
+    pub w: Weight,
     pub bias: Vec<f32>,
 }
 
-/// Floats of one im2col tile (16 MiB): big enough for efficient products, small enough to
-/// stay out of the way of the activations.
-const IM2COL_TILE: usize = 1 << 22;
+/// Floats of one im2col tile (32 MiB): big enough for efficient products (all 512 pixels of
+/// SD's 16×16 layers at once, so that their weights are streamed once), small enough to stay
+/// out of the way of the activations.
+const IM2COL_TILE: usize = 1 << 23;
 
 impl Conv {
     pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
@@ -337,15 +417,14 @@ impl Conv {
         let kk = self.k * self.k * self.cin;
         let rows = x.b * oh * ow;
         if self.k == 1 && self.stride == 1 && self.pad == (0, 0) {
-            matmul(
+            matmul_w(
                 rows,
                 self.cout,
                 self.cin,
                 Mat::rows(&x.data, self.cin),
-                Mat::rows(&self.w, self.cout),
+                &self.w,
                 &mut out.data,
                 self.cout,
-                true,
                 true,
             );
             return;
@@ -363,15 +442,14 @@ impl Conv {
                         self.patch(x, start + j * 16 + i, oh, ow, patch);
                     }
                 });
-            matmul(
+            matmul_w(
                 n,
                 self.cout,
                 kk,
                 Mat::rows(col, kk),
-                Mat::rows(&self.w, self.cout),
+                &self.w,
                 &mut out.data[start * self.cout..],
                 self.cout,
-                true,
                 true,
             );
             start += n;
@@ -757,6 +835,77 @@ pub(crate) fn attention(
     let blocks = nq.div_ceil(bq);
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
+    #[cfg(target_arch = "x86_64")]
+    if super::sgemm::available() {
+        use super::sgemm::{gemm_packed, PackedB, Strided};
+        // One task per image, head and run of query blocks, packing that head's keys and
+        // values once; a few tasks per thread when there are few heads.
+        // Query blocks of whole 12-row slivers.
+        let bq = (bq / 12 * 12).max(12).min(nq);
+        let blocks = nq.div_ceil(bq);
+        let chunks = (4 * threads()).div_ceil(b * heads).clamp(1, blocks);
+        let per_chunk = blocks.div_ceil(chunks);
+        (0..b * heads * chunks).into_par_iter().for_each(|task| {
+            let (bi, h, chunk) = (
+                task / (heads * chunks),
+                (task / chunks) % heads,
+                task % chunks,
+            );
+            // B = kᵀ: element (p, j) = k[j, p]; B = v as it is. Both inside k and v
+            // (asserted above).
+            let kt = Strided {
+                ptr: k[bi * nk * ldk + h * d..].as_ptr(),
+                rs: 1,
+                cs: ldk,
+            };
+            let vs = Strided {
+                ptr: v[bi * nk * ldv + h * d..].as_ptr(),
+                rs: ldv,
+                cs: 1,
+            };
+            // SAFETY: d×nk and nk×d elements inside k and v (asserted above).
+            let (kt, vs) = unsafe { (PackedB::new(kt, d, nk), PackedB::new(vs, nk, d)) };
+            // Score rows padded so that the 12 rows a kernel reads in place are not 4 KiB
+            // apart (they would share L1 sets).
+            let ld = nk.next_multiple_of(16) + 16;
+            let mut s = vec![0.0f32; bq * ld];
+            let mut inv = vec![0.0f32; bq];
+            for blk in chunk * per_chunk..((chunk + 1) * per_chunk).min(blocks) {
+                let q0 = blk * bq;
+                let rows = bq.min(nq - q0);
+                let s = &mut s[..rows * ld];
+                let qs = Strided {
+                    ptr: q[(bi * nq + q0) * ldq + h * d..].as_ptr(),
+                    rs: ldq,
+                    cs: 1,
+                };
+                // SAFETY: AVX-512 is available; the queries are inside q (asserted above)
+                // and s holds rows × nk values.
+                unsafe { gemm_packed(rows, qs, &kt, s.as_mut_ptr(), ld, false) };
+                // SAFETY: AVX-512 is available; s holds rows × nk values.
+                unsafe {
+                    super::sgemm::softmax_rows_unnormalized(s, nk, ld, scale, &mut inv[..rows])
+                };
+                let ps = Strided {
+                    ptr: s.as_ptr(),
+                    rs: ld,
+                    cs: 1,
+                };
+                // SAFETY: as below for the other kernels: this task alone writes rows
+                // bi·nq + q0.. + rows, columns h·d..(h+1)·d of `out`.
+                unsafe {
+                    let o = dst.get().add((bi * nq + q0) * c + h * d);
+                    gemm_packed(rows, ps, &vs, o, c, false);
+                    for (r, inv) in inv[..rows].iter().enumerate() {
+                        std::slice::from_raw_parts_mut(o.add(r * c), d)
+                            .iter_mut()
+                            .for_each(|v| *v *= inv);
+                    }
+                };
+            }
+        });
+        return out;
+    }
     (0..b * heads * blocks).into_par_iter().for_each_init(
         || vec![0.0f32; bq * nk],
         |s, task| {
@@ -874,13 +1023,14 @@ mod tests {
                 c: cin,
                 data: (0..b * h * w * cin).map(val).collect(),
             };
+            let wv: Vec<f32> = (0..k * k * cin * cout).map(|i| val(i + 3)).collect();
             let conv = Conv {
                 cin,
                 cout,
                 k,
                 stride,
                 pad,
-                w: (0..k * k * cin * cout).map(|i| val(i + 3)).collect(),
+                w: Weight::new(wv.clone(), k * k * cin, cout),
                 bias: (0..cout).map(|i| i as f32).collect(),
             };
             let y = conv.forward(&x, None);
@@ -901,7 +1051,7 @@ mod tests {
                                     for ci in 0..cin {
                                         want += x.data
                                             [((bi * h + iy as usize) * w + ix as usize) * cin + ci]
-                                            * conv.w[((ky * k + kx) * cin + ci) * cout + co];
+                                            * wv[((ky * k + kx) * cin + ci) * cout + co];
                                     }
                                 }
                             }
