@@ -661,17 +661,17 @@ impl GroupNorm {
             return out;
         }
         let n = (hw * cg) as f64;
+        // Partial sums per block of rows, added in order: the result must not depend on how
+        // rayon split the work (same request, same pixels).
         let reduce = |image: &[f32], mean: Option<&[f32]>| -> Vec<f64> {
-            image
+            let parts: Vec<Vec<f64>> = image
                 .par_chunks(c * ROWS_PER_TASK)
                 .map(|rows| group_sums(rows, c, g, mean))
-                .reduce(
-                    || vec![0.0; g],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                        a
-                    },
-                )
+                .collect();
+            parts.iter().fold(vec![0.0; g], |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            })
         };
         for (image, dst) in x
             .data
