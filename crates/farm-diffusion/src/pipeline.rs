@@ -3,13 +3,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 
 use crate::clip::ClipTextModel;
 use crate::config::{ClipTextConfig, JsonFile, SchedulerConfig, UNetConfig, VaeConfig};
 use crate::noise::{self, ANCESTRAL_STREAM, NOISE_STREAM, VAE_NOISE_STREAM};
 use crate::schedulers::Scheduler;
 use crate::tokenizer::Tokenizer;
+use crate::unet::{UNet, UNetEngine};
 use crate::vae::Vae;
 use crate::{schedulers, BatchItem, DiffusionError, Mode, Request, Result, RgbImage, Txt2Img};
 
@@ -27,7 +27,7 @@ pub struct StableDiffusion {
     dtype: DType,
     tokenizer: Tokenizer,
     text_encoder: ClipTextModel,
-    unet: UNet2DConditionModel,
+    unet: UNet,
     unet_config: UNetConfig,
     vae: Vae,
     scheduler_config: SchedulerConfig,
@@ -125,12 +125,10 @@ impl StableDiffusion {
         let text_encoder = ClipTextModel::new(weights(&path, dtype, device)?, &text_config)
             .map_err(model_err(&path))?;
         let path = p("unet/diffusion_pytorch_model.safetensors");
-        let unet = UNet2DConditionModel::new(
+        let unet = UNet::new(
             weights(&path, dtype, device)?,
-            unet_config.in_channels,
-            unet_config.out_channels,
-            false,
-            unet_config.candle.clone(),
+            &unet_config,
+            UNetEngine::Auto,
         )
         .map_err(model_err(&path))?;
         let path = vae_dir.join("diffusion_pytorch_model.safetensors");

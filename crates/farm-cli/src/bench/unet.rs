@@ -7,10 +7,10 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use clap::Args;
 use farm_diffusion::candle_core;
 use farm_diffusion::config::{JsonFile, UNetConfig};
+use farm_diffusion::unet::{UNet, UNetEngine};
 use farm_diffusion::{DType, Device};
 use serde::Serialize;
 
@@ -33,6 +33,9 @@ pub struct UnetArgs {
     /// Latent side (64 = 512×512 pixels).
     #[arg(long, default_value_t = 64)]
     pub latent: usize,
+    /// auto (farm-diffusion's own UNet on the CPU in f32, candle's otherwise), cpu or candle.
+    #[arg(long, default_value = "auto")]
+    pub engine: String,
     /// Timed evaluations after one warm-up.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
@@ -43,6 +46,8 @@ pub struct UnetArgs {
 #[derive(Debug, Serialize)]
 pub struct UnetReport {
     pub engine: &'static str,
+    /// The UNet implementation: `cpu` (farm-diffusion's) or `candle` (candle-transformers').
+    pub unet: &'static str,
     pub arch: String,
     pub batch: usize,
     pub dtype: String,
@@ -124,6 +129,7 @@ pub fn run(args: UnetArgs) -> anyhow::Result<()> {
         "bf16" => DType::BF16,
         other => bail!("--dtype {other}: use f32, f16 or bf16"),
     };
+    let engine: UNetEngine = args.engine.parse()?;
     let device = farm_diffusion::parse_device(&args.device)
         .with_context(|| format!("--device {}", args.device))?;
     let json: serde_json::Value = serde_json::from_str(SD15_UNET)?;
@@ -134,13 +140,7 @@ pub fn run(args: UnetArgs) -> anyhow::Result<()> {
 
     let built = Instant::now();
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
-    let unet = UNet2DConditionModel::new(
-        vb,
-        config.in_channels,
-        config.out_channels,
-        false,
-        config.candle.clone(),
-    )?;
+    let unet = UNet::new(vb, &config, engine)?;
     let build_s = built.elapsed().as_secs_f64();
     let params = SD15_PARAMS;
 
@@ -172,6 +172,7 @@ pub fn run(args: UnetArgs) -> anyhow::Result<()> {
     };
     let report = UnetReport {
         engine: "candle",
+        unet: unet.engine().name(),
         arch: args.arch.clone(),
         batch: b,
         dtype: args.dtype.clone(),
@@ -197,8 +198,9 @@ pub fn run(args: UnetArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "unet {} batch {} {} on {}: {:.3} s per evaluation (min {:.3} s, warm-up {:.3} s), peak RSS {:.0} MiB",
+            "unet {} ({}) batch {} {} on {}: {:.3} s per evaluation (min {:.3} s, warm-up {:.3} s), peak RSS {:.0} MiB",
             report.arch,
+            report.unet,
             report.batch,
             report.dtype,
             report.device,
