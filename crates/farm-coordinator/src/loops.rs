@@ -15,6 +15,7 @@ use crate::{Shared, Update};
 
 const DISPATCH_TICK: Duration = Duration::from_millis(100);
 const REAP_TICK: Duration = Duration::from_secs(1);
+const DISPATCH_GAP: Duration = Duration::from_millis(10);
 const EVENT_BATCH: usize = 512;
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Tasks are placed only on workers whose last heartbeat (every 2 s) is younger than this
@@ -51,6 +52,9 @@ pub(crate) async fn dispatcher(
             specs.clear();
             published.clear();
         }
+        // Wake-ups come with every applied event batch; coalesce them, so a busy farm pays
+        // for one placement round per gap rather than per batch.
+        tokio::time::sleep(DISPATCH_GAP).await;
     }
 }
 

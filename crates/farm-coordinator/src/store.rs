@@ -638,9 +638,15 @@ impl Store {
     /// Tasks placed on each worker and not finished (`queued` or `running`), by model key.
     pub async fn placements(&self) -> Result<Vec<Placement>> {
         let rows = sqlx::query(
-            "SELECT t.worker, j.spec->>'model' AS model, j.spec->>'vae' AS vae, count(*) AS n
-             FROM tasks t JOIN jobs j ON j.id = t.job_id
-             WHERE t.status IN ('queued', 'running') AND t.worker IS NOT NULL
+            // Grouped by job first: a job's spec (its seeds inline) is read once per worker,
+            // not once per task.
+            "WITH placed AS (
+                SELECT worker, job_id, count(*) AS n FROM tasks
+                WHERE status IN ('queued', 'running') AND worker IS NOT NULL
+                GROUP BY 1, 2
+             )
+             SELECT p.worker, j.spec->>'model' AS model, j.spec->>'vae' AS vae, sum(p.n)::bigint AS n
+             FROM placed p JOIN jobs j ON j.id = p.job_id
              GROUP BY 1, 2, 3",
         )
         .fetch_all(&self.pool)
