@@ -101,20 +101,14 @@ async fn dispatch_once(
     let workers = worker_views(shared).await?;
     let room: u32 = workers
         .iter()
-        .map(|w| {
-            let placed: u32 = w.placed.values().sum();
-            (2 * w.concurrency.max(1) * w.max_batch.max(1)).saturating_sub(placed)
-        })
+        .map(|w| w.prefetch().saturating_sub(w.placed.values().sum()))
         .sum();
     if room == 0 {
         return Ok(0);
     }
     // A trickle of room (a few tasks just ended) waits for the next tick, so each round
     // places a batch worth its queries.
-    let prefetch: u32 = workers
-        .iter()
-        .map(|w| 2 * w.concurrency.max(1) * w.max_batch.max(1))
-        .sum();
+    let prefetch: u32 = workers.iter().map(WorkerView::prefetch).sum();
     if room.saturating_mul(8) < prefetch && last.elapsed() < DISPATCH_TICK {
         return Ok(0);
     }
@@ -144,8 +138,8 @@ async fn dispatch_once(
         };
         if !published.contains_key(&spec.model) {
             let key = format!(
-                "{}/models/{}/model_index.json",
-                shared.config.redis_prefix, spec.model
+                "{}/model_index.json",
+                farm_core::published_model_dir(&shared.config.redis_prefix, &spec.model)
             );
             // Unknown (storage down): not downloadable, the safe side.
             let found = shared.storage.exists(&key).await.unwrap_or(false);

@@ -40,7 +40,8 @@ pub struct WorkerView {
 }
 
 impl WorkerView {
-    fn prefetch(&self) -> u32 {
+    /// The most unfinished tasks placed on it at once.
+    pub fn prefetch(&self) -> u32 {
         2 * self.concurrency.max(1) * self.max_batch.max(1)
     }
 }

@@ -87,8 +87,8 @@ impl Api {
     /// Whether a model of this name was published to storage by a finetune job.
     async fn published(&self, model: &str) -> Result<bool, Status> {
         let key = format!(
-            "{}/models/{model}/model_index.json",
-            self.shared.config.redis_prefix
+            "{}/model_index.json",
+            farm_core::published_model_dir(&self.shared.config.redis_prefix, model)
         );
         self.shared
             .storage

@@ -143,11 +143,6 @@ impl TaskSpec {
             mask: self.mask.clone(),
         })
     }
-
-    /// The model key ([`model_key`]) this task needs loaded.
-    pub fn model_key(&self) -> String {
-        model_key(&self.model, self.vae.as_deref())
-    }
 }
 
 #[cfg(test)]

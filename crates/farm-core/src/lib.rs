@@ -11,8 +11,8 @@ pub use capability::{model_key, BatchKey, Capabilities, Unfit};
 pub use ids::{Attempt, JobId, TaskRef, WorkerId};
 pub use redact::redact_url;
 pub use spec::{
-    inspect_image, object_key, parse_priority, validate, ImageInfo, InvalidField, JobRequest,
-    JobSpec, Mode, SchedulerName, SeedSource, TaskSpec, TrainRequest, TrainSpec, LIMITS,
-    PRIORITY_CLASSES,
+    inspect_image, object_key, parse_priority, published_model_dir, validate, ImageInfo,
+    InvalidField, JobRequest, JobSpec, Mode, SchedulerName, SeedSource, TaskSpec, TrainRequest,
+    TrainSpec, LIMITS, PRIORITY_CLASSES,
 };
 pub use status::{JobStatus, TaskStatus, UnknownStatus};

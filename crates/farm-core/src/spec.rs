@@ -530,6 +530,12 @@ pub struct TaskSpec {
     pub train: Option<TrainSpec>,
 }
 
+/// The storage folder a finetune job publishes model `name` to: `{prefix}/models/{name}`;
+/// its `model_index.json` is written last, so a folder with one is complete.
+pub fn published_model_dir(prefix: &str, name: &str) -> String {
+    format!("{prefix}/models/{name}")
+}
+
 /// The storage key of a task's image: `{prefix}/jobs/{job_id}/{task_index:06}-{seed}.png`
 /// (no leading slash when the prefix is empty).
 pub fn object_key(prefix: &str, job: JobId, index: u32, seed: u64) -> String {

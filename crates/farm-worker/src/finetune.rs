@@ -217,7 +217,7 @@ async fn train_in(
     let target = out.clone();
     blocking(trainer, move |t| t.save_model(&target)).await?;
     let upload_started = Instant::now();
-    let published = format!("{prefix}/models/{}", train.output_model);
+    let published = farm_core::published_model_dir(prefix, &train.output_model);
     let size = upload(worker, &out, &published, Some("model_index.json")).await?;
     let weights = std::fs::read(out.join("unet/diffusion_pytorch_model.safetensors"))
         .map_err(|e| io("cannot read the trained UNet", e))?;

@@ -157,7 +157,7 @@ impl ModelCache {
         let Some((storage, prefix)) = &self.published else {
             return Err(not_found());
         };
-        let remote = format!("{prefix}/models/{name}");
+        let remote = farm_core::published_model_dir(prefix, name);
         let load_err = |message: String| ModelError::Load {
             name: name.to_string(),
             message,
@@ -215,11 +215,6 @@ impl ModelCache {
             .collect();
         names.sort();
         names
-    }
-
-    /// Names of the models loaded now.
-    pub fn loaded(&self) -> Vec<String> {
-        self.state().models.into_iter().map(|(k, _)| k).collect()
     }
 
     /// The loaded model `name` (with the VAE of model folder `vae`, when given), loading it on
