@@ -108,9 +108,13 @@ impl Farm {
     pub(crate) fn command(&self) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stdout(Stdio::null());
+        // FARM_CHILD_LOG=debug (any RUST_LOG filter) shows the children's logs, for
+        // looking into a run; by default they keep quiet.
+        match std::env::var("FARM_CHILD_LOG") {
+            Ok(filter) => cmd.env("RUST_LOG", filter).stderr(Stdio::inherit()),
+            Err(_) => cmd.env("RUST_LOG", "error").stderr(Stdio::null()),
+        };
         cmd
     }
 

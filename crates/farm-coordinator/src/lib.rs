@@ -105,8 +105,14 @@ pub(crate) struct Shared {
     pub config: CoordinatorConfig,
     pub updates: broadcast::Sender<Update>,
     pub metrics: metrics::Metrics,
-    /// Wakes the dispatcher early (a job was submitted, a task finished).
+    /// Wakes the dispatcher early (tasks finished or came back); such wake-ups are
+    /// coalesced.
     pub dispatch_now: Notify,
+    /// Wakes the dispatcher at once: new tasks are pending (a submit, a retry).
+    pub submitted: Notify,
+    /// Specs of jobs this coordinator just wrote, handed to the dispatcher so it need not
+    /// read them back.
+    pub new_specs: std::sync::Mutex<Vec<(farm_core::JobId, Arc<farm_core::JobSpec>)>>,
     /// Set once the ingester has applied the events that waited while this coordinator was
     /// down; until then the reaper holds off, so heartbeats that arrived meanwhile count.
     pub caught_up: std::sync::atomic::AtomicBool,
@@ -226,6 +232,8 @@ pub async fn bind(config: CoordinatorConfig) -> anyhow::Result<Bound> {
         updates,
         metrics: metrics::Metrics::new()?,
         dispatch_now: Notify::new(),
+        submitted: Notify::new(),
+        new_specs: Default::default(),
         caught_up: std::sync::atomic::AtomicBool::new(false),
     });
     let bound = Bound { shared, grpc, http };

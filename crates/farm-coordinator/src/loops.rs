@@ -31,16 +31,18 @@ pub(crate) async fn dispatcher(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut specs: HashMap<JobId, Arc<JobSpec>> = HashMap::new();
-    let mut published: HashMap<String, bool> = HashMap::new();
-    let mut last = Instant::now();
+    let mut state = DispatchState::default();
+    let mut submitted = false;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = shared.dispatch_now.notified() => {}
-            _ = tokio::time::sleep(DISPATCH_TICK) => {}
+        if !submitted {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = shared.dispatch_now.notified() => {}
+                _ = shared.submitted.notified() => {}
+                _ = tokio::time::sleep(DISPATCH_TICK) => {}
+            }
         }
-        match dispatch_once(&shared, &mut specs, &mut published, &mut last).await {
+        match dispatch_once(&shared, &mut state).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(n, "dispatched"),
             Err(e) => {
@@ -48,30 +50,85 @@ pub(crate) async fn dispatcher(
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
         }
-        if specs.len() > 10_000 {
-            specs.clear();
-            published.clear();
+        if state.specs.len() > 10_000 {
+            state.specs.clear();
+            state.published.clear();
         }
         // Wake-ups come with every applied event batch; coalesce them, so a busy farm pays
-        // for one placement round per gap rather than per batch.
-        tokio::time::sleep(DISPATCH_GAP).await;
+        // for one placement round per gap rather than per batch. A submission does not wait.
+        submitted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = shared.submitted.notified() => true,
+            _ = tokio::time::sleep(DISPATCH_GAP) => false,
+        };
+    }
+    // Stream ids still being recorded are kept, not dropped half-way.
+    if let Some(recording) = state.recording.take() {
+        let _ = recording.await;
+    }
+    Ok(())
+}
+
+/// What the dispatcher keeps between rounds.
+#[derive(Default)]
+struct DispatchState {
+    /// Job specs it has read, by job (jobs never change their spec).
+    specs: HashMap<JobId, Arc<JobSpec>>,
+    /// Whether a model is published in storage (any worker can download it).
+    published: HashMap<String, bool>,
+    /// When the last round placed tasks.
+    last: Option<Instant>,
+    /// The previous round's stream ids, being written while this round places.
+    recording: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl DispatchState {
+    /// Takes the specs of jobs just submitted here, and reads those of other jobs it has not
+    /// seen yet.
+    async fn learn_specs(
+        &mut self,
+        shared: &Shared,
+        jobs: impl Iterator<Item = JobId>,
+    ) -> anyhow::Result<()> {
+        if let Ok(mut new) = shared.new_specs.lock() {
+            self.specs.extend(new.drain(..));
+        }
+        let missing: Vec<JobId> = jobs
+            .filter(|j| !self.specs.contains_key(j))
+            .collect::<std::collections::HashSet<_>>()
+            .into_iter()
+            .collect();
+        if !missing.is_empty() {
+            for (id, spec) in shared.store.job_specs(&missing).await? {
+                self.specs.insert(id, Arc::new(spec));
+            }
+        }
+        Ok(())
     }
 }
 
 /// The online workers that take new work, with what is placed on them.
-async fn worker_views(shared: &Shared) -> anyhow::Result<Vec<WorkerView>> {
+async fn worker_views(
+    shared: &Shared,
+    state: &mut DispatchState,
+) -> anyhow::Result<Vec<WorkerView>> {
     let fresh = PLACE_IF_HEARD_WITHIN.min(shared.config.run_lease);
+    // Two small queries on two connections, at once.
+    let (rows, placed_rows) = tokio::try_join!(shared.store.workers(), shared.store.placed())?;
+    state
+        .learn_specs(shared, placed_rows.iter().map(|p| p.job))
+        .await?;
     let mut placed: HashMap<WorkerId, HashMap<String, u32>> = HashMap::new();
-    for p in shared.store.placements().await? {
-        placed
-            .entry(p.worker)
-            .or_default()
-            .insert(p.model_key, p.tasks);
+    for p in placed_rows {
+        // A job without a spec cannot be (jobs are never deleted); count it under no model.
+        let key = state
+            .specs
+            .get(&p.job)
+            .map(|s| farm_core::model_key(&s.model, s.vae.as_deref()))
+            .unwrap_or_default();
+        *placed.entry(p.worker).or_default().entry(key).or_default() += p.tasks;
     }
-    Ok(shared
-        .store
-        .workers()
-        .await?
+    Ok(rows
         .into_iter()
         // Only workers heard from lately: one silent for a few heartbeats, or longer than a
         // run lease (its running task was just requeued), is likely dead.
@@ -92,13 +149,8 @@ async fn worker_views(shared: &Shared) -> anyhow::Result<Vec<WorkerView>> {
         .collect())
 }
 
-async fn dispatch_once(
-    shared: &Shared,
-    specs: &mut HashMap<JobId, Arc<JobSpec>>,
-    published: &mut HashMap<String, bool>,
-    last: &mut Instant,
-) -> anyhow::Result<usize> {
-    let workers = worker_views(shared).await?;
+async fn dispatch_once(shared: &Shared, state: &mut DispatchState) -> anyhow::Result<usize> {
+    let workers = worker_views(shared, state).await?;
     let room: u32 = workers
         .iter()
         .map(|w| w.prefetch().saturating_sub(w.placed.values().sum()))
@@ -109,10 +161,11 @@ async fn dispatch_once(
     // A trickle of room (a few tasks just ended) waits for the next tick, so each round
     // places a batch worth its queries.
     let prefetch: u32 = workers.iter().map(WorkerView::prefetch).sum();
-    if room.saturating_mul(8) < prefetch && last.elapsed() < DISPATCH_TICK {
+    if room.saturating_mul(8) < prefetch && state.last.is_some_and(|t| t.elapsed() < DISPATCH_TICK)
+    {
         return Ok(0);
     }
-    *last = Instant::now();
+    state.last = Some(Instant::now());
     // Look past the head of the queue: tasks waiting for a busy worker's model must not
     // keep an idle worker idle.
     let limit = (room + room / 4 + 16).min(4000);
@@ -120,32 +173,24 @@ async fn dispatch_once(
     if candidates.is_empty() {
         return Ok(0);
     }
-    let missing: Vec<JobId> = candidates
-        .iter()
-        .map(|c| c.task.job)
-        .filter(|j| !specs.contains_key(j))
-        .collect::<std::collections::HashSet<_>>()
-        .into_iter()
-        .collect();
-    if !missing.is_empty() {
-        for (id, spec) in shared.store.job_specs(&missing).await? {
-            specs.insert(id, Arc::new(spec));
-        }
-    }
+    state
+        .learn_specs(shared, candidates.iter().map(|c| c.task.job))
+        .await?;
     for c in &candidates {
-        let Some(spec) = specs.get(&c.task.job) else {
+        let Some(spec) = state.specs.get(&c.task.job) else {
             continue;
         };
-        if !published.contains_key(&spec.model) {
+        if !state.published.contains_key(&spec.model) {
             let key = format!(
                 "{}/model_index.json",
                 farm_core::published_model_dir(&shared.config.redis_prefix, &spec.model)
             );
             // Unknown (storage down): not downloadable, the safe side.
             let found = shared.storage.exists(&key).await.unwrap_or(false);
-            published.insert(spec.model.clone(), found);
+            state.published.insert(spec.model.clone(), found);
         }
     }
+    let specs = &state.specs;
     let tasks: Vec<placement::Task> = candidates
         .iter()
         .filter_map(|c| {
@@ -157,7 +202,7 @@ async fn dispatch_once(
                 height: spec.height,
                 batch: spec.batch_key(),
                 waited: c.waited,
-                downloadable: published.get(&spec.model).copied().unwrap_or(false),
+                downloadable: state.published.get(&spec.model).copied().unwrap_or(false),
             })
         })
         .collect();
@@ -192,20 +237,32 @@ async fn dispatch_once(
         anyhow::bail!("a claimed task has no job spec or worker");
     }
     let batch: Vec<(&WorkerId, &TaskSpec)> = messages.iter().map(|(w, t)| (w, t)).collect();
-    match shared.queue.dispatch(&batch).await {
-        Ok(ids) => {
-            shared.store.set_stream_ids(&claimed, &ids).await?;
-            shared.metrics.dispatched(&claimed);
-            for c in &claimed {
-                let _ = shared.updates.send(Update::Changed(c.task));
-            }
-            Ok(claimed.len())
-        }
+    let ids = match shared.queue.dispatch(&batch).await {
+        Ok(ids) => ids,
         Err(e) => {
             unclaim_or_log(shared, &claimed).await;
-            Err(e.into())
+            return Err(e.into());
         }
+    };
+    shared.metrics.dispatched(&claimed);
+    for c in &claimed {
+        let _ = shared.updates.send(Update::Changed(c.task));
     }
+    // The workers have their tasks; the stream ids (needed only to retract a message later)
+    // are written while the next round places. One write in flight at a time.
+    if let Some(previous) = state.recording.take() {
+        let _ = previous.await;
+    }
+    let store = shared.store.clone();
+    let n = claimed.len();
+    state.recording = Some(tokio::spawn(async move {
+        if let Err(e) = store.set_stream_ids(&claimed, &ids).await {
+            // The tasks stay `queued` without a stream id; the reaper requeues them after
+            // UNSENT_AFTER, and their messages are fenced off by the new attempt.
+            tracing::warn!(error = %e, "could not record stream ids");
+        }
+    }));
+    Ok(n)
 }
 
 async fn unclaim_or_log(shared: &Shared, claimed: &[Claimed]) {

@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::auth::{Authenticator, Caller};
 use crate::convert::{job_status_filter, job_to_pb, request_from_pb, task_to_pb, worker_to_pb};
-use crate::store::StoreError;
+use crate::store::{StoreError, WorkerRow};
 use crate::{Shared, Update};
 
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -147,14 +147,10 @@ impl Api {
 
     /// Refuses a job that no online worker admits (size, mode), naming the closest refusal;
     /// with no worker online the job waits for one.
-    async fn check_capable(&self, spec: &farm_core::JobSpec) -> Result<(), Status> {
-        let workers = self.shared.store.workers().await.map_err(store_status)?;
-        let online: Vec<_> = workers
-            .iter()
-            .filter(|w| w.online && !w.info.draining)
-            .collect();
+    /// Refuses a job no online worker admits (size, mode), saying what to change.
+    fn check_capable(workers: &[WorkerRow], spec: &farm_core::JobSpec) -> Result<(), Status> {
         let mut refusal = None;
-        for w in &online {
+        for w in workers.iter().filter(|w| w.online && !w.info.draining) {
             match w
                 .info
                 .capabilities
@@ -247,13 +243,8 @@ impl JobService for Api {
             req.dataset_files.len(),
         ))
         .map_err(invalid)?;
-        if self
-            .shared
-            .store
-            .model_available(&spec.model)
-            .await
-            .map_err(store_status)?
-            == Some(false)
+        let workers = self.shared.store.workers().await.map_err(store_status)?;
+        if model_available(&workers, &spec.model) == Some(false)
             && !self.published(&spec.model).await?
         {
             return Err(Status::not_found(format!(
@@ -261,22 +252,14 @@ impl JobService for Api {
                 spec.model
             )));
         }
-        self.check_capable(&spec).await?;
+        Self::check_capable(&workers, &spec)?;
         // Inputs are stored under their content hash before the job is written, so a job row
         // never points at an image that is not there.
         spec.init_image = self.store_input(&req.init_image).await?;
         spec.mask = self.store_input(&req.mask).await?;
         if let Some(train) = &mut spec.train {
             let output = &train.output_model;
-            if self.published(output).await?
-                || self
-                    .shared
-                    .store
-                    .model_available(output)
-                    .await
-                    .map_err(store_status)?
-                    == Some(true)
-            {
+            if self.published(output).await? || model_available(&workers, output) == Some(true) {
                 return Err(Status::already_exists(format!(
                     "output_model: a model named {output:?} already exists; choose another name"
                 )));
@@ -295,7 +278,10 @@ impl JobService for Api {
             tracing::info_span!("job", job = %job.id, tenant = %caller.tenant).in_scope(|| {
                 tracing::info!(tasks = job.tasks_total, model = %spec.model, mode = spec.mode.as_str(), "job submitted")
             });
-            self.shared.dispatch_now.notify_one();
+            if let Ok(mut specs) = self.shared.new_specs.lock() {
+                specs.push((job.id, Arc::new(job.spec.clone())));
+            }
+            self.shared.submitted.notify_one();
         }
         Ok(Response::new(pb::SubmitJobResponse {
             job: Some(job_to_pb(&job, &[])),
@@ -590,4 +576,12 @@ impl ClusterService for Api {
                 .unwrap_or(0),
         }))
     }
+}
+
+/// Whether an online worker can load `model`: `None` when no worker is online (nobody to
+/// ask), else whether any of them has the folder.
+fn model_available(workers: &[WorkerRow], model: &str) -> Option<bool> {
+    let mut online = workers.iter().filter(|w| w.online).peekable();
+    online.peek()?;
+    Some(online.any(|w| w.info.available.iter().any(|m| m == model)))
 }

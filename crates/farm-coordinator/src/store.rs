@@ -16,6 +16,16 @@ use uuid::Uuid;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
+/// A statement that updates a batch of tasks named in arrays (`unnest`), planned afresh for
+/// each run. Postgres caches a generic plan for a prepared statement after a few runs, built
+/// from the table's size and statistics at that moment: plans made while the tasks table was
+/// nearly empty walked every pending task for each task in the batch once a bulk job was
+/// submitted (a claim of 200 tasks took seconds). An unnamed statement is planned with its
+/// arguments each time; the planning is cheap next to such a plan.
+fn batch_query(sql: &str) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql).persistent(false)
+}
+
 /// The tenant of every job until API tokens exist.
 pub const DEFAULT_TENANT: &str = "default";
 
@@ -129,11 +139,11 @@ pub struct Candidate {
     pub waited: Duration,
 }
 
-/// How many unfinished tasks of one model key sit on one worker.
+/// How many unfinished tasks of one job sit on one worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placement {
+pub struct Placed {
     pub worker: WorkerId,
-    pub model_key: String,
+    pub job: JobId,
     pub tasks: u32,
 }
 
@@ -331,7 +341,8 @@ impl Store {
             "INSERT INTO jobs (id, tenant, idempotency_key, spec, priority, tasks_total)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (tenant, idempotency_key) DO NOTHING
-             RETURNING id",
+             RETURNING id, tenant, status, tasks_total, tasks_succeeded, tasks_failed,
+                       tasks_cancelled, created_at, finished_at",
         )
         .bind(id.0)
         .bind(tenant)
@@ -341,7 +352,7 @@ impl Store {
         .bind(spec.tasks_total() as i32)
         .fetch_optional(&mut *tx)
         .await?;
-        if inserted.is_none() {
+        let Some(inserted) = inserted else {
             tx.rollback().await?;
             let existing: Uuid = sqlx::query_scalar(
                 "SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
@@ -355,7 +366,9 @@ impl Store {
                 .await?
                 .ok_or_else(|| StoreError::Corrupt("idempotent job vanished".into()))?;
             return Ok((job, false));
-        }
+        };
+        // The row as written, with the spec we hold (not read back: it can be large).
+        let job = job_with_spec(&inserted, spec.clone())?;
         let n = spec.tasks_total() as usize;
         let mut idx = Vec::with_capacity(n);
         let mut seeds = Vec::with_capacity(n);
@@ -380,10 +393,6 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        let job = self
-            .job(id)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt("submitted job vanished".into()))?;
         Ok((job, true))
     }
 
@@ -592,7 +601,7 @@ impl Store {
             .iter()
             .map(|w| w.as_ref().map(|w| w.0.as_str()))
             .collect();
-        let rows = sqlx::query(
+        let rows = batch_query(
             "UPDATE tasks t
              SET status = 'queued', attempt = t.attempt + 1, queued_at = now(), worker = u.w,
                  lease_deadline = now() + make_interval(secs => $4), stream_id = NULL,
@@ -635,29 +644,23 @@ impl Store {
         Ok(claimed)
     }
 
-    /// Tasks placed on each worker and not finished (`queued` or `running`), by model key.
-    pub async fn placements(&self) -> Result<Vec<Placement>> {
+    /// Tasks placed on each worker and not finished (`queued` or `running`), counted per job.
+    /// Only `tasks` is read (the `tasks_leased` index and the rows it points at): the caller
+    /// knows each job's model from the specs it dispatched, and reading `jobs.spec` here would
+    /// unpack every job's seed list on every dispatch round.
+    pub async fn placed(&self) -> Result<Vec<Placed>> {
         let rows = sqlx::query(
-            // Grouped by job first: a job's spec (its seeds inline) is read once per worker,
-            // not once per task.
-            "WITH placed AS (
-                SELECT worker, job_id, count(*) AS n FROM tasks
-                WHERE status IN ('queued', 'running') AND worker IS NOT NULL
-                GROUP BY 1, 2
-             )
-             SELECT p.worker, j.spec->>'model' AS model, j.spec->>'vae' AS vae, sum(p.n)::bigint AS n
-             FROM placed p JOIN jobs j ON j.id = p.job_id
-             GROUP BY 1, 2, 3",
+            "SELECT worker, job_id, count(*) AS n FROM tasks
+             WHERE status IN ('queued', 'running') AND worker IS NOT NULL
+             GROUP BY 1, 2",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
             .map(|r| {
-                let model: Option<String> = r.try_get("model")?;
-                let vae: Option<String> = r.try_get("vae")?;
-                Ok(Placement {
+                Ok(Placed {
                     worker: WorkerId(r.try_get("worker")?),
-                    model_key: farm_core::model_key(&model.unwrap_or_default(), vae.as_deref()),
+                    job: JobId(r.try_get("job_id")?),
                     tasks: r.try_get::<i64, _>("n")? as u32,
                 })
             })
@@ -733,7 +736,7 @@ impl Store {
         let jobs: Vec<Uuid> = claimed.iter().map(|c| c.task.job.0).collect();
         let idx: Vec<i32> = claimed.iter().map(|c| c.task.index as i32).collect();
         let attempts: Vec<i32> = claimed.iter().map(|c| c.attempt.0 as i32).collect();
-        sqlx::query(
+        batch_query(
             "UPDATE tasks t SET stream_id = u.sid
              FROM unnest($1::uuid[], $2::int[], $3::int[], $4::text[]) AS u(j, i, a, sid)
              WHERE t.job_id = u.j AND t.idx = u.i AND t.attempt = u.a",
@@ -752,7 +755,7 @@ impl Store {
         let jobs: Vec<Uuid> = claimed.iter().map(|c| c.task.job.0).collect();
         let idx: Vec<i32> = claimed.iter().map(|c| c.task.index as i32).collect();
         let attempts: Vec<i32> = claimed.iter().map(|c| c.attempt.0 as i32).collect();
-        sqlx::query(
+        batch_query(
             "UPDATE tasks t SET status = 'pending', attempt = t.attempt - 1, lease_deadline = NULL,
                     updated_at = clock_timestamp()
              FROM unnest($1::uuid[], $2::int[], $3::int[]) AS u(j, i, a)
@@ -780,22 +783,6 @@ impl Store {
                 Ok((JobId(r.try_get("id")?), spec))
             })
             .collect()
-    }
-
-    /// Whether an online worker can load `model`: `None` when no worker is online (nobody to
-    /// ask), else whether any of them has the folder.
-    pub async fn model_available(&self, model: &str) -> Result<Option<bool>> {
-        let row = sqlx::query(
-            "SELECT count(*) AS online, count(*) FILTER (WHERE $1 = ANY(available)) AS having
-             FROM workers WHERE last_seen > now() - make_interval(secs => $2)",
-        )
-        .bind(model)
-        .bind(WORKER_ONLINE_SECS as f64)
-        .fetch_one(&self.pool)
-        .await?;
-        let online: i64 = row.try_get("online")?;
-        let having: i64 = row.try_get("having")?;
-        Ok((online > 0).then_some(having > 0))
     }
 
     /// (slots of online workers, tasks queued, tasks running).
@@ -1139,10 +1126,12 @@ impl Store {
                 _ => {}
             }
         }
-        c.oldest_pending =
-            sqlx::query_scalar("SELECT min(created_at) FROM tasks WHERE status = 'pending'")
-                .fetch_one(&self.pool)
-                .await?;
+        c.oldest_pending = sqlx::query_scalar(&format!(
+            "SELECT min(h.created_at) FROM ({PENDING_HEADS}) h"
+        ))
+        .bind(None::<&str>)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(c)
     }
 }
@@ -1224,7 +1213,7 @@ async fn apply_started(
             workers.push(worker.0.as_str());
         }
     }
-    let rows = sqlx::query(
+    let rows = batch_query(
         "UPDATE tasks t SET status = 'running', worker = u.w, started_at = now(),
                 lease_deadline = now() + make_interval(secs => $5),
                 updated_at = clock_timestamp()
@@ -1299,7 +1288,7 @@ async fn apply_succeeded(
             upload.push(timings.upload_ms as i64);
         }
     }
-    let rows = sqlx::query(
+    let rows = batch_query(
         "UPDATE tasks t SET status = 'succeeded', worker = u.w, object_key = u.k,
                 sha256 = u.h, size_bytes = u.s, load_ms = u.l, render_ms = u.r,
                 upload_ms = u.up, error = NULL, lease_deadline = NULL,
@@ -1357,7 +1346,7 @@ async fn extend_leases(
     let jobs: Vec<Uuid> = running.iter().map(|(t, _)| t.job.0).collect();
     let idx: Vec<i32> = running.iter().map(|(t, _)| t.index as i32).collect();
     let attempts: Vec<i32> = running.iter().map(|(_, a)| a.0 as i32).collect();
-    sqlx::query(
+    batch_query(
         "UPDATE tasks t SET lease_deadline = now() + make_interval(secs => $4)
          FROM unnest($1::uuid[], $2::int[], $3::int[]) AS u(j, i, a)
          WHERE t.job_id = u.j AND t.idx = u.i AND t.attempt = u.a
@@ -1413,11 +1402,17 @@ const JOB_COLUMNS: &str =
 
 fn job_from_row(r: &sqlx::postgres::PgRow) -> Result<JobRow> {
     let spec: serde_json::Value = r.try_get("spec")?;
+    let spec = serde_json::from_value(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    job_with_spec(r, spec)
+}
+
+/// A job row's columns other than its spec, with `spec`.
+fn job_with_spec(r: &sqlx::postgres::PgRow, spec: JobSpec) -> Result<JobRow> {
     let status: String = r.try_get("status")?;
     Ok(JobRow {
         id: JobId(r.try_get("id")?),
         tenant: r.try_get("tenant")?,
-        spec: serde_json::from_value(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        spec,
         status: JobStatus::from_str(&status).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         tasks_total: r.try_get::<i32, _>("tasks_total")? as u32,
         tasks_succeeded: r.try_get::<i32, _>("tasks_succeeded")? as u32,
@@ -1427,6 +1422,17 @@ fn job_from_row(r: &sqlx::postgres::PgRow) -> Result<JobRow> {
         finished_at: r.try_get("finished_at")?,
     })
 }
+
+/// The first pending task of each (tenant, priority) class, with `$1` a tenant or NULL for
+/// all: one probe of `tasks_pending_tenant` per class, however many tasks wait.
+const PENDING_HEADS: &str = "SELECT h.job_id, h.idx, h.created_at, h.priority
+     FROM (SELECT DISTINCT tenant, priority FROM jobs
+           WHERE status IN ('pending', 'running') AND ($1::text IS NULL OR tenant = $1)) cl
+     CROSS JOIN LATERAL (
+        SELECT k.job_id, k.idx, k.created_at, k.priority FROM tasks k
+        WHERE k.tenant = cl.tenant AND k.priority = cl.priority AND k.status = 'pending'
+        ORDER BY k.created_at, k.job_id, k.idx LIMIT 1
+     ) h";
 
 const TASK_COLUMNS: &str = "SELECT idx, seed, prompt, status, attempt, worker, object_key, sha256,
         size_bytes, error, started_at, finished_at, updated_at FROM tasks";
@@ -1524,11 +1530,9 @@ impl Store {
                 _ => {}
             }
         }
-        let oldest = sqlx::query(
-            "SELECT t.job_id, t.idx, t.created_at FROM tasks t JOIN jobs j ON j.id = t.job_id
-             WHERE t.status = 'pending' AND ($1::text IS NULL OR j.tenant = $1)
-             ORDER BY t.priority DESC, t.created_at, t.job_id, t.idx LIMIT 1",
-        )
+        let oldest = sqlx::query(&format!(
+            "{PENDING_HEADS} ORDER BY h.priority DESC, h.created_at, h.job_id, h.idx LIMIT 1"
+        ))
         .bind(tenant)
         .fetch_optional(&self.pool)
         .await?;

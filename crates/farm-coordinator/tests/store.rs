@@ -556,14 +556,14 @@ async fn placed_tasks_are_counted_per_worker_and_taken_back_when_it_drains() {
         .await
         .expect("claim")
         .is_empty());
-    let mut placed = store.placements().await.expect("placements");
+    let mut placed = store.placed().await.expect("placed");
     placed.sort_by(|x, y| x.worker.0.cmp(&y.worker.0));
     assert_eq!(
         placed
             .iter()
-            .map(|p| (p.worker.0.as_str(), p.model_key.as_str(), p.tasks))
+            .map(|p| (p.worker.0.as_str(), p.job, p.tasks))
             .collect::<Vec<_>>(),
-        vec![("w1", "tiny", 2), ("w2", "tiny", 1)]
+        vec![("w1", job.id, 2), ("w2", job.id, 1)]
     );
     let gone_after = Duration::from_millis(300);
     assert!(store

@@ -579,7 +579,7 @@ async fn retry(
         .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
     if retried > 0 {
         tracing::info!(job = %id, retried, tenant = %caller.tenant, "failed tasks retried from the dashboard");
-        d.shared.dispatch_now.notify_one();
+        d.shared.submitted.notify_one();
         let _ = d
             .shared
             .updates
