@@ -1075,6 +1075,64 @@ async fn every_mode_runs_on_the_farm_with_uploaded_inputs() {
 }
 
 #[test]
+fn bad_worker_and_tenant_flags_say_what_to_use() {
+    // Each refusal comes before any connection (the services named here do not exist).
+    let models = tempfile::tempdir().expect("tempdir");
+    let refused = |args: &[&str], expect: &[&str]| {
+        let out = Command::new(FARM)
+            .args(args)
+            .env("FARM_REDIS_URL", "redis://127.0.0.1:1")
+            .env("FARM_DATABASE_URL", "postgres://postgres@127.0.0.1:1/farm")
+            .env("FARM_MODELS", models.path())
+            .env("FARM_STORAGE", models.path())
+            .output()
+            .expect("run farm");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        for needle in expect {
+            assert!(
+                stderr.contains(needle),
+                "{args:?}: {needle:?} not in {stderr}"
+            );
+        }
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        // The flag is refused, not a connection attempted.
+        assert!(!stderr.contains("127.0.0.1:1"), "{args:?}: {stderr}");
+    };
+    refused(
+        &["worker", "--max-batch", "0"],
+        &["--max-batch must be between 1 and 64"],
+    );
+    refused(
+        &["worker", "--max-batch", "65"],
+        &["--max-batch must be between 1 and 64"],
+    );
+    refused(
+        &["worker", "--model-cache-bytes", "lots"],
+        &["--model-cache-bytes", "is not a size (e.g. 8GiB"],
+    );
+    refused(
+        &["worker", "--device-memory", "3 parsecs"],
+        &["--device-memory", "is not a size"],
+    );
+    refused(
+        &["worker", "--modes", "txt2img,txt2video"],
+        &["--modes", "unknown mode \"txt2video\"", "img2img"],
+    );
+    refused(&["worker", "--max-pixels", "many"], &["--max-pixels"]);
+    for weight in ["0", "-1", "1001", "NaN", "inf"] {
+        refused(
+            &["tenant", "weight", "--tenant", "a", "--weight", weight],
+            &["--weight must be a number above 0 and at most 1000"],
+        );
+    }
+    refused(
+        &["tenant", "weight", "--tenant", "a", "--weight", "heavy"],
+        &["--weight", "heavy"],
+    );
+}
+
+#[test]
 fn unreachable_services_are_named_without_their_secrets() {
     let farm_bin = || {
         let mut cmd = Command::new(FARM);

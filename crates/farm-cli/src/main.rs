@@ -299,7 +299,8 @@ enum TenantCommand {
     Weight {
         #[arg(long)]
         tenant: String,
-        #[arg(long)]
+        /// Above 0, at most 1000 (a negative value gets the same clear refusal).
+        #[arg(long, allow_negative_numbers = true)]
         weight: f64,
     },
 }
