@@ -35,14 +35,14 @@ pub(crate) async fn dispatcher(
     let mut submitted = false;
     loop {
         if !submitted {
-            tokio::select! {
+            submitted = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = shared.dispatch_now.notified() => {}
-                _ = shared.submitted.notified() => {}
-                _ = tokio::time::sleep(DISPATCH_TICK) => {}
-            }
+                _ = shared.dispatch_now.notified() => false,
+                _ = shared.submitted.notified() => true,
+                _ = tokio::time::sleep(DISPATCH_TICK) => false,
+            };
         }
-        match dispatch_once(&shared, &mut state).await {
+        match dispatch_once(&shared, &mut state, submitted).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(n, "dispatched"),
             Err(e) => {
@@ -78,6 +78,8 @@ struct DispatchState {
     published: HashMap<String, bool>,
     /// When the last round placed tasks.
     last: Option<Instant>,
+    /// The room the last round found on the workers (sizes an early read of candidates).
+    last_room: Option<u32>,
     /// The previous round's stream ids, being written while this round places.
     recording: Option<tokio::task::JoinHandle<()>>,
 }
@@ -149,8 +151,23 @@ async fn worker_views(
         .collect())
 }
 
-async fn dispatch_once(shared: &Shared, state: &mut DispatchState) -> anyhow::Result<usize> {
-    let workers = worker_views(shared, state).await?;
+async fn dispatch_once(
+    shared: &Shared,
+    state: &mut DispatchState,
+    submitted: bool,
+) -> anyhow::Result<usize> {
+    // After a submission the pending tasks are read while the workers are: new work on an
+    // idle farm starts one round trip sooner. Otherwise (a busy farm, often without room)
+    // the workers come first, and candidates only when there is room.
+    let (workers, early) = if submitted {
+        let limit = state.last_room.map_or(4000, |r| (r + r / 4 + 16).min(4000));
+        let (workers, early) = tokio::try_join!(worker_views(shared, state), async {
+            Ok(shared.store.candidates(limit, shared.config.ageing).await?)
+        })?;
+        (workers, Some(early))
+    } else {
+        (worker_views(shared, state).await?, None)
+    };
     let room: u32 = workers
         .iter()
         .map(|w| w.prefetch().saturating_sub(w.placed.values().sum()))
@@ -168,8 +185,14 @@ async fn dispatch_once(shared: &Shared, state: &mut DispatchState) -> anyhow::Re
     state.last = Some(Instant::now());
     // Look past the head of the queue: tasks waiting for a busy worker's model must not
     // keep an idle worker idle.
-    let limit = (room + room / 4 + 16).min(4000);
-    let candidates = shared.store.candidates(limit, shared.config.ageing).await?;
+    state.last_room = Some(room);
+    let candidates = match early {
+        Some(c) => c,
+        None => {
+            let limit = (room + room / 4 + 16).min(4000);
+            shared.store.candidates(limit, shared.config.ageing).await?
+        }
+    };
     if candidates.is_empty() {
         return Ok(0);
     }
