@@ -5,8 +5,10 @@
 //!   trip as the ceiling.
 //! * `unet`: one evaluation of the full-size SD 1.5 UNet (random weights) on candle.
 //! * `batch`: images/s of the tiny model against the batch size.
+//! * `memory`: a worker's resident memory with a full-size SD 1.5 model loaded.
 
 mod batch;
+mod memory;
 mod orchestration;
 mod unet;
 
@@ -23,6 +25,8 @@ pub enum BenchCommand {
     Unet(unet::UnetArgs),
     /// Images/s against the batch size on the tiny model.
     Batch(batch::BatchArgs),
+    /// A worker's resident memory with a full-size SD 1.5 model (random weights) loaded.
+    Memory(memory::MemoryArgs),
 }
 
 pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<()> {
@@ -30,6 +34,9 @@ pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<(
         BenchCommand::Orchestration(args) => orchestration::run(settings, args).await,
         BenchCommand::Unet(args) => tokio::task::spawn_blocking(move || unet::run(args)).await?,
         BenchCommand::Batch(args) => tokio::task::spawn_blocking(move || batch::run(args)).await?,
+        BenchCommand::Memory(args) => {
+            tokio::task::spawn_blocking(move || memory::run(args)).await?
+        }
     }
 }
 

@@ -79,12 +79,13 @@ pub mod tokenizer;
 pub mod train;
 pub mod unet;
 pub mod vae;
+mod weights;
 
 /// candle's tensor crate, for callers that pass noise tensors or read safetensors files.
 pub use candle_core;
 pub use candle_core::{DType, Device};
 pub use pipeline::StableDiffusion;
-pub use tiny::init_tiny;
+pub use tiny::{init_random, init_tiny, ModelSize};
 
 /// Errors returned by this crate.
 #[derive(Debug, thiserror::Error)]

@@ -40,10 +40,13 @@ fn weights(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'sta
     if !path.is_file() {
         return Err(DiffusionError::model(path, "missing weights file"));
     }
-    // SAFETY: the file is memory-mapped read-only; as with every mmap, it must not be
-    // modified while the model is loaded. Model folders are treated as immutable.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
-        .map_err(|e| DiffusionError::model(path, format!("cannot read safetensors: {e}")))
+    let mapped = crate::weights::MappedWeights::open(path)
+        .map_err(|e| DiffusionError::model(path, format!("cannot read safetensors: {e}")))?;
+    Ok(VarBuilder::from_backend(
+        Box::new(mapped),
+        dtype,
+        device.clone(),
+    ))
 }
 
 fn model_err(path: &Path) -> impl Fn(candle_core::Error) -> DiffusionError + '_ {

@@ -126,6 +126,32 @@ pub(crate) fn randomize(varmap: &VarMap, seed: u64, stream: u64) -> Result<()> {
 /// the real CLIP vocabulary, and SD 1.5's PNDM scheduler config. Weights are
 /// deterministic in `seed`.
 pub fn init_tiny(dir: &Path, seed: u64) -> Result<()> {
+    init_random(dir, ModelSize::Tiny, seed)
+}
+
+/// The architectures [`init_random`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelSize {
+    /// Scaled down for tests (see [`init_tiny`]).
+    Tiny,
+    /// Stable Diffusion 1.5's full size: the configs of its diffusers release (UNet of
+    /// 860 M parameters, CLIP ViT-L/14 text encoder, VAE with blocks 128 to 512), random
+    /// weights in f32 (about 4.3 GB). For measuring memory and speed, not for images.
+    Sd15,
+}
+
+/// `base` with the entries of `changes` put in (both JSON objects).
+fn with(mut base: Value, changes: Value) -> Value {
+    if let (Some(b), Value::Object(c)) = (base.as_object_mut(), changes) {
+        b.extend(c);
+    }
+    base
+}
+
+/// Writes a random-weight Stable Diffusion 1.x model of `size` (diffusers layout) into
+/// `dir`. Weights are deterministic in `seed`.
+pub fn init_random(dir: &Path, size: ModelSize, seed: u64) -> Result<()> {
+    let full = size == ModelSize::Sd15;
     for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
@@ -203,9 +229,7 @@ pub fn init_tiny(dir: &Path, seed: u64) -> Result<()> {
 
     // Text encoder.
     let path = dir.join("text_encoder/config.json");
-    write_json(
-        &path,
-        &json!({
+    let config = json!({
             "_name_or_path": "farm-diffusion/tiny",
             "architectures": ["CLIPTextModel"],
             "attention_dropout": 0.0,
@@ -225,8 +249,23 @@ pub fn init_tiny(dir: &Path, seed: u64) -> Result<()> {
             "projection_dim": 32,
             "torch_dtype": "float32",
             "vocab_size": 49408
-        }),
-    )?;
+    });
+    let config = if full {
+        with(
+            config,
+            json!({
+                "_name_or_path": "farm-diffusion/sd15-random",
+                "hidden_size": 768,
+                "intermediate_size": 3072,
+                "num_attention_heads": 12,
+                "num_hidden_layers": 12,
+                "projection_dim": 768
+            }),
+        )
+    } else {
+        config
+    };
+    write_json(&path, &config)?;
     let cfg = ClipTextConfig::from_json(&JsonFile::read(&path)?)?;
     let varmap = VarMap::new();
     ClipTextModel::new(
@@ -238,9 +277,7 @@ pub fn init_tiny(dir: &Path, seed: u64) -> Result<()> {
 
     // UNet.
     let path = dir.join("unet/config.json");
-    write_json(
-        &path,
-        &json!({
+    let config = json!({
             "_class_name": "UNet2DConditionModel",
             "_diffusers_version": DIFFUSERS_VERSION,
             "act_fn": "silu",
@@ -261,8 +298,32 @@ pub fn init_tiny(dir: &Path, seed: u64) -> Result<()> {
             "sample_size": 8,
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
             "use_linear_projection": false
-        }),
-    )?;
+    });
+    let config = if full {
+        with(
+            config,
+            json!({
+                "block_out_channels": [320, 640, 1280, 1280],
+                "cross_attention_dim": 768,
+                "down_block_types": [
+                    "CrossAttnDownBlock2D",
+                    "CrossAttnDownBlock2D",
+                    "CrossAttnDownBlock2D",
+                    "DownBlock2D"
+                ],
+                "sample_size": 64,
+                "up_block_types": [
+                    "UpBlock2D",
+                    "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D"
+                ]
+            }),
+        )
+    } else {
+        config
+    };
+    write_json(&path, &config)?;
     let cfg = UNetConfig::from_json(&JsonFile::read(&path)?)?;
     let varmap = VarMap::new();
     UNet2DConditionModel::new(
@@ -277,9 +338,7 @@ pub fn init_tiny(dir: &Path, seed: u64) -> Result<()> {
 
     // VAE.
     let path = dir.join("vae/config.json");
-    write_json(
-        &path,
-        &json!({
+    let config = json!({
             "_class_name": "AutoencoderKL",
             "_diffusers_version": DIFFUSERS_VERSION,
             "act_fn": "silu",
@@ -303,8 +362,20 @@ pub fn init_tiny(dir: &Path, seed: u64) -> Result<()> {
                 "UpDecoderBlock2D",
                 "UpDecoderBlock2D"
             ]
-        }),
-    )?;
+    });
+    let config = if full {
+        with(
+            config,
+            json!({
+                "block_out_channels": [128, 256, 512, 512],
+                "layers_per_block": 2,
+                "sample_size": 512
+            }),
+        )
+    } else {
+        config
+    };
+    write_json(&path, &config)?;
     let cfg = VaeConfig::from_json(&JsonFile::read(&path)?)?;
     let varmap = VarMap::new();
     AutoEncoderKL::new(
