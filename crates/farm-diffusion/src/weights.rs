@@ -120,3 +120,62 @@ impl SimpleBackend for MappedWeights {
         self.tensors.contains_key(name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_read_back_as_written_and_a_cut_file_is_an_error() -> candle_core::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("w.safetensors");
+        let a = Tensor::arange(0f32, 6000.0, &Device::Cpu)?.reshape((60, 100))?;
+        let b = Tensor::arange(0f32, 10.0, &Device::Cpu)?.to_dtype(DType::F16)?;
+        candle_core::safetensors::save(
+            &HashMap::from([("a".to_string(), a.clone()), ("b".to_string(), b.clone())]),
+            &path,
+        )?;
+        let weights = MappedWeights::open(&path)?;
+        assert!(weights.contains_tensor("a") && !weights.contains_tensor("c"));
+        // Read twice: the second read faults the given-back pages in again.
+        for _ in 0..2 {
+            let got = weights.get(
+                (60, 100).into(),
+                "a",
+                candle_nn::Init::Const(0.),
+                DType::F32,
+                &Device::Cpu,
+            )?;
+            assert_eq!(got.to_vec2::<f32>()?, a.to_vec2::<f32>()?);
+        }
+        let got = weights.get_unchecked("b", DType::F32, &Device::Cpu)?;
+        assert_eq!(
+            got.to_vec1::<f32>()?,
+            b.to_dtype(DType::F32)?.to_vec1::<f32>()?
+        );
+        assert!(weights
+            .get(
+                (6, 1000).into(),
+                "a",
+                candle_nn::Init::Const(0.),
+                DType::F32,
+                &Device::Cpu
+            )
+            .is_err());
+        assert!(weights
+            .get_unchecked("c", DType::F32, &Device::Cpu)
+            .is_err());
+
+        // A file cut short: the header names bytes that are not there.
+        let bytes = std::fs::read(&path)?;
+        std::fs::write(&path, &bytes[..bytes.len() - 100])?;
+        match MappedWeights::open(&path) {
+            Err(_) => {}
+            Ok(cut) => assert!(
+                cut.get_unchecked("a", DType::F32, &Device::Cpu).is_err()
+                    || cut.get_unchecked("b", DType::F32, &Device::Cpu).is_err()
+            ),
+        }
+        Ok(())
+    }
+}
