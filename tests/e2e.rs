@@ -447,7 +447,8 @@ async fn wait_done(farm: &Farm, id: &str, limit: Duration) -> pb::Job {
     }
 }
 
-/// What a worker's model cache counts a model folder as: its three weight files.
+/// What a worker's model cache counts a model folder as when it computes in f32: the tensor
+/// data of its three (f32) weight files, i.e. each file without its 8-byte length and header.
 fn weight_bytes(dir: &Path) -> u64 {
     [
         "text_encoder/model.safetensors",
@@ -455,7 +456,11 @@ fn weight_bytes(dir: &Path) -> u64 {
         "vae/diffusion_pytorch_model.safetensors",
     ]
     .iter()
-    .map(|f| std::fs::metadata(dir.join(f)).expect("weights").len())
+    .map(|f| {
+        let bytes = std::fs::read(dir.join(f)).expect("weights");
+        let header = u64::from_le_bytes(bytes[..8].try_into().expect("length"));
+        bytes.len() as u64 - 8 - header
+    })
     .sum()
 }
 

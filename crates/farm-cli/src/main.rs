@@ -229,8 +229,9 @@ pub struct WorkerArgs {
     /// guidance, mode, strength) as one batch.
     #[arg(long, default_value_t = 1)]
     pub max_batch: usize,
-    /// Keep at most this much model weight loaded, e.g. 8GiB (least recently used models
-    /// are evicted); default: no limit.
+    /// Keep at most this much model weight loaded, e.g. 8GiB, counted in the dtype the
+    /// worker computes in (SD 1.5 in f16: about 2 GiB); least recently used models are
+    /// evicted. Default: no limit.
     #[arg(long, value_parser = parse_bytes)]
     pub model_cache_bytes: Option<u64>,
     /// Take no image larger than this many pixels (width x height), e.g. 262144 for 512x512.

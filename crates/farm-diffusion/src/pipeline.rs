@@ -35,17 +35,17 @@ pub struct StableDiffusion {
 }
 
 /// Memory-maps a safetensors file into a `VarBuilder`, reporting a missing file as a
-/// model error.
-fn weights(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+/// model error; with the bytes its tensors take in `dtype`.
+fn weights(path: &Path, dtype: DType, device: &Device) -> Result<(VarBuilder<'static>, u64)> {
     if !path.is_file() {
         return Err(DiffusionError::model(path, "missing weights file"));
     }
     let mapped = crate::weights::MappedWeights::open(path)
         .map_err(|e| DiffusionError::model(path, format!("cannot read safetensors: {e}")))?;
-    Ok(VarBuilder::from_backend(
-        Box::new(mapped),
-        dtype,
-        device.clone(),
+    let held = mapped.held_bytes(dtype);
+    Ok((
+        VarBuilder::from_backend(Box::new(mapped), dtype, device.clone()),
+        held,
     ))
 }
 
@@ -114,29 +114,16 @@ impl StableDiffusion {
             ));
         }
 
-        let weight_files = [
-            p("text_encoder/model.safetensors"),
-            p("unet/diffusion_pytorch_model.safetensors"),
-            vae_dir.join("diffusion_pytorch_model.safetensors"),
-        ];
-        let weight_bytes = weight_files
-            .iter()
-            .filter_map(|f| std::fs::metadata(f).ok())
-            .map(|m| m.len())
-            .sum();
         let path = p("text_encoder/model.safetensors");
-        let text_encoder = ClipTextModel::new(weights(&path, dtype, device)?, &text_config)
-            .map_err(model_err(&path))?;
+        let (vb, text_bytes) = weights(&path, dtype, device)?;
+        let text_encoder = ClipTextModel::new(vb, &text_config).map_err(model_err(&path))?;
         let path = p("unet/diffusion_pytorch_model.safetensors");
-        let unet = UNet::new(
-            weights(&path, dtype, device)?,
-            &unet_config,
-            UNetEngine::Auto,
-        )
-        .map_err(model_err(&path))?;
+        let (vb, unet_bytes) = weights(&path, dtype, device)?;
+        let unet = UNet::new(vb, &unet_config, UNetEngine::Auto).map_err(model_err(&path))?;
         let path = vae_dir.join("diffusion_pytorch_model.safetensors");
-        let vae =
-            Vae::new(weights(&path, dtype, device)?, &vae_config).map_err(model_err(&path))?;
+        let (vb, vae_bytes) = weights(&path, dtype, device)?;
+        let vae = Vae::new(vb, &vae_config).map_err(model_err(&path))?;
+        let weight_bytes = text_bytes + unet_bytes + vae_bytes;
         Ok(Self {
             device: device.clone(),
             dtype,
@@ -150,8 +137,8 @@ impl StableDiffusion {
         })
     }
 
-    /// The size of the weight files this model was loaded from (text encoder, UNet, VAE):
-    /// what a model cache counts it as.
+    /// The bytes its weights take in its dtype (text encoder, UNet, VAE; every tensor of
+    /// their files): what a model cache counts it as.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }

@@ -45,6 +45,22 @@ impl MappedWeights {
         })
     }
 
+    /// What the tensors take once loaded with floats in `dtype` (what a model cache counts;
+    /// a file of f32 weights loaded in f16 holds half its size).
+    pub(crate) fn held_bytes(&self, dtype: DType) -> u64 {
+        self.tensors
+            .values()
+            .map(|info| {
+                let elems: usize = info.shape.iter().product();
+                let size = match info.dtype {
+                    Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64 => dtype.size_in_bytes(),
+                    other => other.bitsize().div_ceil(8),
+                };
+                (elems * size) as u64
+            })
+            .sum()
+    }
+
     fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         let info = self
             .tensors
@@ -137,6 +153,8 @@ mod tests {
         )?;
         let weights = MappedWeights::open(&path)?;
         assert!(weights.contains_tensor("a") && !weights.contains_tensor("c"));
+        assert_eq!(weights.held_bytes(DType::F32), 6000 * 4 + 10 * 4);
+        assert_eq!(weights.held_bytes(DType::F16), 6000 * 2 + 10 * 2);
         // Read twice: the second read faults the given-back pages in again.
         for _ in 0..2 {
             let got = weights.get(
