@@ -42,11 +42,21 @@ pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<(
 
 /// The process's peak resident set (`VmHWM`), in MiB; 0 where /proc is missing.
 pub(crate) fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// The process's current resident set (`VmRSS`), in MiB; 0 where /proc is missing.
+pub(crate) fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+/// A size line (in kB) of `/proc/self/status`, in MiB.
+fn status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })

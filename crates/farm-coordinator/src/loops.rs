@@ -151,6 +151,15 @@ async fn worker_views(
         .collect())
 }
 
+/// The most pending tasks one round reads.
+const MAX_CANDIDATES: u32 = 4000;
+
+/// How many pending tasks to read for `room` free places: more than the room, since tasks
+/// waiting for a busy worker's model must not keep an idle worker idle.
+fn candidate_limit(room: u32) -> u32 {
+    (room + room / 4 + 16).min(MAX_CANDIDATES)
+}
+
 async fn dispatch_once(
     shared: &Shared,
     state: &mut DispatchState,
@@ -160,7 +169,7 @@ async fn dispatch_once(
     // idle farm starts one round trip sooner. Otherwise (a busy farm, often without room)
     // the workers come first, and candidates only when there is room.
     let (workers, early) = if submitted {
-        let limit = state.last_room.map_or(4000, |r| (r + r / 4 + 16).min(4000));
+        let limit = state.last_room.map_or(MAX_CANDIDATES, candidate_limit);
         let (workers, early) = tokio::try_join!(worker_views(shared, state), async {
             Ok(shared.store.candidates(limit, shared.config.ageing).await?)
         })?;
@@ -183,14 +192,14 @@ async fn dispatch_once(
         return Ok(0);
     }
     state.last = Some(Instant::now());
-    // Look past the head of the queue: tasks waiting for a busy worker's model must not
-    // keep an idle worker idle.
     state.last_room = Some(room);
     let candidates = match early {
         Some(c) => c,
         None => {
-            let limit = (room + room / 4 + 16).min(4000);
-            shared.store.candidates(limit, shared.config.ageing).await?
+            shared
+                .store
+                .candidates(candidate_limit(room), shared.config.ageing)
+                .await?
         }
     };
     if candidates.is_empty() {

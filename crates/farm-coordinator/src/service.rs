@@ -147,7 +147,6 @@ impl Api {
 
     /// Refuses a job that no online worker admits (size, mode), naming the closest refusal;
     /// with no worker online the job waits for one.
-    /// Refuses a job no online worker admits (size, mode), saying what to change.
     fn check_capable(workers: &[WorkerRow], spec: &farm_core::JobSpec) -> Result<(), Status> {
         let mut refusal = None;
         for w in workers.iter().filter(|w| w.online && !w.info.draining) {

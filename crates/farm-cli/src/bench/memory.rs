@@ -14,7 +14,7 @@ use clap::Args;
 use farm_diffusion::{DType, Device, ModelSize, StableDiffusion};
 use serde::{Deserialize, Serialize};
 
-use super::{peak_rss_mib, round};
+use super::{peak_rss_mib, round, rss_mib};
 
 #[derive(Args, Clone, Debug)]
 pub struct MemoryArgs {
@@ -73,20 +73,6 @@ fn size_of(arch: &str) -> anyhow::Result<ModelSize> {
         "tiny" => ModelSize::Tiny,
         other => bail!("--arch {other}: use sd15 or tiny"),
     })
-}
-
-/// The process's current resident set (`VmRSS`), in MiB.
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
 }
 
 fn safetensors_bytes(dir: &Path) -> u64 {
