@@ -140,9 +140,9 @@ pub enum ModelSize {
     Sd15,
 }
 
-/// `base` with the entries of `changes` put in (both JSON objects).
-fn with(mut base: Value, changes: Value) -> Value {
-    if let (Some(b), Value::Object(c)) = (base.as_object_mut(), changes) {
+/// `base` with the entries of `changes`, if any, put in (both JSON objects).
+fn with(mut base: Value, changes: Option<Value>) -> Value {
+    if let (Some(b), Some(Value::Object(c))) = (base.as_object_mut(), changes) {
         b.extend(c);
     }
     base
@@ -230,29 +230,29 @@ pub fn init_random(dir: &Path, size: ModelSize, seed: u64) -> Result<()> {
     // Text encoder.
     let path = dir.join("text_encoder/config.json");
     let config = json!({
-            "_name_or_path": "farm-diffusion/tiny",
-            "architectures": ["CLIPTextModel"],
-            "attention_dropout": 0.0,
-            "bos_token_id": 0,
-            "eos_token_id": 2,
-            "hidden_act": "quick_gelu",
-            "hidden_size": 32,
-            "initializer_factor": 1.0,
-            "initializer_range": 0.02,
-            "intermediate_size": 37,
-            "layer_norm_eps": 1e-05,
-            "max_position_embeddings": 77,
-            "model_type": "clip_text_model",
-            "num_attention_heads": 4,
-            "num_hidden_layers": 5,
-            "pad_token_id": 1,
-            "projection_dim": 32,
-            "torch_dtype": "float32",
-            "vocab_size": 49408
+        "_name_or_path": "farm-diffusion/tiny",
+        "architectures": ["CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "hidden_act": "quick_gelu",
+        "hidden_size": 32,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 37,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 5,
+        "pad_token_id": 1,
+        "projection_dim": 32,
+        "torch_dtype": "float32",
+        "vocab_size": 49408
     });
-    let config = if full {
-        with(
-            config,
+    let config = with(
+        config,
+        full.then(|| {
             json!({
                 "_name_or_path": "farm-diffusion/sd15-random",
                 "hidden_size": 768,
@@ -260,11 +260,9 @@ pub fn init_random(dir: &Path, size: ModelSize, seed: u64) -> Result<()> {
                 "num_attention_heads": 12,
                 "num_hidden_layers": 12,
                 "projection_dim": 768
-            }),
-        )
-    } else {
-        config
-    };
+            })
+        }),
+    );
     write_json(&path, &config)?;
     let cfg = ClipTextConfig::from_json(&JsonFile::read(&path)?)?;
     let varmap = VarMap::new();
@@ -278,30 +276,30 @@ pub fn init_random(dir: &Path, size: ModelSize, seed: u64) -> Result<()> {
     // UNet.
     let path = dir.join("unet/config.json");
     let config = json!({
-            "_class_name": "UNet2DConditionModel",
-            "_diffusers_version": DIFFUSERS_VERSION,
-            "act_fn": "silu",
-            "attention_head_dim": 8,
-            "block_out_channels": [32, 64],
-            "center_input_sample": false,
-            "cross_attention_dim": 32,
-            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-            "downsample_padding": 1,
-            "flip_sin_to_cos": true,
-            "freq_shift": 0,
-            "in_channels": 4,
-            "layers_per_block": 2,
-            "mid_block_scale_factor": 1,
-            "norm_eps": 1e-05,
-            "norm_num_groups": 32,
-            "out_channels": 4,
-            "sample_size": 8,
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "use_linear_projection": false
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "attention_head_dim": 8,
+        "block_out_channels": [32, 64],
+        "center_input_sample": false,
+        "cross_attention_dim": 32,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "sample_size": 8,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "use_linear_projection": false
     });
-    let config = if full {
-        with(
-            config,
+    let config = with(
+        config,
+        full.then(|| {
             json!({
                 "block_out_channels": [320, 640, 1280, 1280],
                 "cross_attention_dim": 768,
@@ -318,11 +316,9 @@ pub fn init_random(dir: &Path, size: ModelSize, seed: u64) -> Result<()> {
                     "CrossAttnUpBlock2D",
                     "CrossAttnUpBlock2D"
                 ]
-            }),
-        )
-    } else {
-        config
-    };
+            })
+        }),
+    );
     write_json(&path, &config)?;
     let cfg = UNetConfig::from_json(&JsonFile::read(&path)?)?;
     let varmap = VarMap::new();
@@ -339,42 +335,40 @@ pub fn init_random(dir: &Path, size: ModelSize, seed: u64) -> Result<()> {
     // VAE.
     let path = dir.join("vae/config.json");
     let config = json!({
-            "_class_name": "AutoencoderKL",
-            "_diffusers_version": DIFFUSERS_VERSION,
-            "act_fn": "silu",
-            "block_out_channels": [32, 32, 64, 64],
-            "down_block_types": [
-                "DownEncoderBlock2D",
-                "DownEncoderBlock2D",
-                "DownEncoderBlock2D",
-                "DownEncoderBlock2D"
-            ],
-            "in_channels": 3,
-            "latent_channels": 4,
-            "layers_per_block": 1,
-            "norm_num_groups": 32,
-            "out_channels": 3,
-            "sample_size": 64,
-            "scaling_factor": 0.18215,
-            "up_block_types": [
-                "UpDecoderBlock2D",
-                "UpDecoderBlock2D",
-                "UpDecoderBlock2D",
-                "UpDecoderBlock2D"
-            ]
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "block_out_channels": [32, 32, 64, 64],
+        "down_block_types": [
+            "DownEncoderBlock2D",
+            "DownEncoderBlock2D",
+            "DownEncoderBlock2D",
+            "DownEncoderBlock2D"
+        ],
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 64,
+        "scaling_factor": 0.18215,
+        "up_block_types": [
+            "UpDecoderBlock2D",
+            "UpDecoderBlock2D",
+            "UpDecoderBlock2D",
+            "UpDecoderBlock2D"
+        ]
     });
-    let config = if full {
-        with(
-            config,
+    let config = with(
+        config,
+        full.then(|| {
             json!({
                 "block_out_channels": [128, 256, 512, 512],
                 "layers_per_block": 2,
                 "sample_size": 512
-            }),
-        )
-    } else {
-        config
-    };
+            })
+        }),
+    );
     write_json(&path, &config)?;
     let cfg = VaeConfig::from_json(&JsonFile::read(&path)?)?;
     let varmap = VarMap::new();

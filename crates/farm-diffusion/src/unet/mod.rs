@@ -14,7 +14,7 @@ mod sgemm;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
+use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModel};
 
 use crate::config::UNetConfig;
 use crate::{DiffusionError, Result};
@@ -494,6 +494,24 @@ impl CpuUNet {
             }
             SpatialTransformer::new(vb, channels, heads, depth, config)
         };
+        // A block's transformers, one after each of its `layers` resnets (none for a block
+        // without cross-attention).
+        let transformers =
+            |vb: VarBuilder, block: &BlockConfig, layers: usize, channels: usize| match block
+                .use_cross_attn
+            {
+                Some(depth) => (0..layers)
+                    .map(|j| {
+                        cross(
+                            vb.pp(j.to_string()),
+                            channels,
+                            block.attention_head_dim,
+                            depth,
+                        )
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>(),
+                None => Ok(Vec::new()),
+            };
 
         let vb_down = vb.pp("down_blocks");
         let mut down = Vec::with_capacity(n);
@@ -518,19 +536,7 @@ impl CpuUNet {
                     )
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let attentions = match block.use_cross_attn {
-                Some(depth) => (0..c.layers_per_block)
-                    .map(|j| {
-                        cross(
-                            vb.pp("attentions").pp(j.to_string()),
-                            cout,
-                            block.attention_head_dim,
-                            depth,
-                        )
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?,
-                None => Vec::new(),
-            };
+            let attentions = transformers(vb.pp("attentions"), block, c.layers_per_block, cout)?;
             let pad = match c.downsample_padding {
                 0 => (0, 1),
                 p => (p, p),
@@ -609,19 +615,7 @@ impl CpuUNet {
                     )
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let attentions = match block.use_cross_attn {
-                Some(depth) => (0..layers)
-                    .map(|j| {
-                        cross(
-                            vb.pp("attentions").pp(j.to_string()),
-                            cout,
-                            block.attention_head_dim,
-                            depth,
-                        )
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?,
-                None => Vec::new(),
-            };
+            let attentions = transformers(vb.pp("attentions"), &block, layers, cout)?;
             let sampler = if i + 1 < n {
                 Some(conv(
                     vb.pp("upsamplers").pp("0").pp("conv"),
