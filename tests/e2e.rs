@@ -1135,6 +1135,28 @@ fn bad_worker_and_tenant_flags_say_what_to_use() {
         &["tenant", "weight", "--tenant", "a", "--weight", "heavy"],
         &["--weight", "heavy"],
     );
+    refused(
+        &["bench", "memory", "--arch", "sd21"],
+        &["--arch sd21: use sd15 or tiny"],
+    );
+    refused(
+        &["bench", "memory", "--arch", "tiny", "--dtype", "f8"],
+        &["--dtype f8: use f32, f16 or bf16"],
+    );
+    // A folder that holds no model: the loading process says so.
+    let empty = models.path().display().to_string();
+    refused(
+        &[
+            "bench",
+            "memory",
+            "--load-only",
+            "--arch",
+            "tiny",
+            "--dir",
+            &empty,
+        ],
+        &["cannot load", "model_index.json"],
+    );
 }
 
 #[test]
